@@ -1,0 +1,127 @@
+"""GGUF files (llama.cpp): config, weights and tokenizer from the file alone, with numpy, no torch.
+
+Weights are dequantised with the `gguf` package, one tensor at a time. llama.cpp stores the rows of the
+Llama q and k projections permuted (pairs interleaved for its RoPE); we undo that so the tensors are in
+transformers' layout. The tokenizer is rebuilt from the vocabulary, merges, special tokens and chat
+template in the metadata by transformers' own GGUF tokenizer converter (which needs no torch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CheckpointError
+from .namemap import NameMap
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF tensor names -> transformers' names (llama architecture).
+_LLAMA_NAMES = NameMap((
+    ("token_embd.weight", "model.embed_tokens.weight", False),
+    ("output_norm.weight", "model.norm.weight", False),
+    ("output.weight", "lm_head.weight", False),
+    ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", False),
+    ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", False),
+    ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight", False),
+    ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight", False),
+    ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight", False),
+    ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight", False),
+    ("blk.{i}.ffn_{p}.weight", "model.layers.{i}.mlp.{p}_proj.weight", False),
+))
+
+
+def _reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _architecture(reader, path: str) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of q_proj / k_proj (rows of each head: halves <- interleaved pairs)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_config(path: str):
+    """A transformers LlamaConfig built from the GGUF metadata."""
+    import transformers
+
+    reader = _reader(path)
+    arch = _architecture(reader, path)
+
+    def md(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    heads = md("attention.head_count")
+    hidden = md("embedding_length")
+    names = {t.name for t in reader.tensors}
+    token_ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    return transformers.LlamaConfig(
+        vocab_size=md("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden, intermediate_size=md("feed_forward_length"), num_hidden_layers=md("block_count"),
+        num_attention_heads=heads, num_key_value_heads=md("attention.head_count_kv", heads),
+        head_dim=md("attention.key_length", hidden // heads), max_position_embeddings=md("context_length", 2048),
+        rms_norm_eps=float(md("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_parameters={"rope_type": "default", "rope_theta": float(md("rope.freq_base", 10000.0))},
+        tie_word_embeddings="output.weight" not in names, bos_token_id=token_ids["bos"],
+        eos_token_id=token_ids["eos"], pad_token_id=token_ids["padding"], architectures=["LlamaForCausalLM"])
+
+
+def read_checkpoint(path: str):
+    """(transformers config, tensors) where tensors maps transformers' names to (shape, read)."""
+    import gguf
+
+    config = read_config(path)
+    reader = _reader(path)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    tensors = {}
+    for tensor in reader.tensors:
+        mapped = _LLAMA_NAMES.to_ours(tensor.name)
+        name = mapped[0] if mapped else tensor.name  # unknown names stay as they are: reported as unused
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        n_head = next((n for proj, n in heads.items() if f".{proj}." in name), None)
+
+        def read(tensor=tensor, shape=shape, n_head=n_head):
+            w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            return _unpermute(w, n_head) if n_head else w
+
+        tensors[name] = (shape, read)
+    return config, tensors
+
+
+def read_tokenizer(path: str):
+    """A transformers fast tokenizer (vocabulary, merges, special tokens, chat template) from GGUF metadata."""
+    import transformers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    reader = _reader(path)
+    arch = _architecture(reader, path)
+    found = {group: {name: _field(reader, f"tokenizer.{key}") for key, name in keys.items()
+                     if f"tokenizer.{key}" in reader.fields}
+             for group, keys in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, tokenizer_config = found["tokenizer"], found["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # A sentencepiece vocabulary that says nothing gets a BOS, as llama.cpp does.
+        tokenizer_config.setdefault("add_bos_token", True)
+    tokens = tokenizer_dict["tokens"]
+    for special, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                         ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
+        if tokenizer_dict.get(key) is not None:
+            tokenizer_config[special] = tokens[tokenizer_dict[key]]
+    backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

@@ -1,0 +1,280 @@
+"""Hugging Face checkpoints in and out: `from_pretrained`, `load_tokenizer`, `export_pretrained`.
+
+Import never builds the model with random weights: the model is traced abstractly (`nnx.eval_shape`), then
+each checkpoint tensor is read, renamed through the family's name map, checked against the abstract
+parameter's shape, cast and placed on its device or sharding, one tensor at a time. Every checkpoint tensor
+and every parameter must be used exactly once; anything else is an error that names the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import sharding
+from .errors import CheckpointError
+from .models import config_from_hf, family
+from .namemap import NameMap
+
+# name -> (shape, read): `read()` gives the tensor as a numpy array in transformers' (PyTorch) layout.
+Tensors = dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "flax_model.msgpack", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _resolve(path_or_repo_id: str) -> str:
+    """A local directory or .gguf file; a hub repo id is fetched through huggingface_hub's cache."""
+    path = os.path.expanduser(str(path_or_repo_id))
+    if os.path.exists(path):
+        if os.path.isdir(path) or path.endswith(".gguf"):
+            return path
+        raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path_or_repo_id, allow_patterns=_HUB_PATTERNS)
+    except Exception as e:  # offline, unknown repo, bad id: all the same to the user
+        raise CheckpointError(
+            f"{path_or_repo_id}: no such local path, and it could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Pass a local directory (config.json + weights) or a .gguf file.") from e
+
+
+def _safetensors(files: list[str]) -> Tensors:
+    from safetensors import safe_open
+
+    tensors: Tensors = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+
+                def read(file=file, name=name):
+                    with safe_open(file, framework="numpy") as g:
+                        return g.get_tensor(name)
+
+                tensors[name] = (shape, read)
+    return tensors
+
+
+def _flax_msgpack(file: str) -> Tensors:
+    """transformers' Flax weights: nested {module: {param: array}} with Flax parameter names.
+
+    `kernel` is the transpose of PyTorch's `weight` (for Dense and for GPT-2's Conv1D alike); `embedding`
+    and LayerNorm's `scale` are PyTorch's `weight`.
+    """
+    from flax.serialization import msgpack_restore
+    from flax.traverse_util import flatten_dict
+
+    with open(file, "rb") as f:
+        params = msgpack_restore(f.read())
+    if set(params) == {"params"}:
+        params = params["params"]
+    tensors: Tensors = {}
+    for path, array in flatten_dict(params).items():
+        *module, leaf = (str(p) for p in path)
+        name = ".".join(module + ["bias" if leaf == "bias" else "weight"])
+        if leaf == "kernel":
+            tensors[name] = (tuple(reversed(array.shape)), lambda a=array: a.T)
+        else:
+            tensors[name] = (tuple(array.shape), lambda a=array: a)
+    return tensors
+
+
+def _checkpoint(directory: str) -> Tensors:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    msgpack = os.path.join(directory, "flax_model.msgpack")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that are not there: {', '.join(missing)}")
+        return _safetensors([os.path.join(directory, f) for f in files])
+    if os.path.exists(single):
+        return _safetensors([single])
+    if os.path.exists(msgpack):
+        return _flax_msgpack(msgpack)
+    raise CheckpointError(
+        f"{directory}: no weights found. Expected model.safetensors, model.safetensors.index.json (sharded) or "
+        f"flax_model.msgpack; PyTorch .bin files are not read: convert them to safetensors first.")
+
+
+def _hf_config(directory: str):
+    import transformers
+
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        return transformers.AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}/config.json: transformers cannot read it: {e}") from e
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _place(array: np.ndarray, abstract: jax.ShapeDtypeStruct, axes, mesh) -> jax.Array:
+    array = np.asarray(array)
+    if array.dtype != abstract.dtype:
+        array = array.astype(abstract.dtype)
+    if mesh is None:
+        return jax.device_put(array)
+    target = sharding.param_sharding(axes, array.shape, mesh)
+    # Each device (and, with several hosts, each process) receives only its own slice.
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source: str, dtype, param_dtype,
+                 mesh=None) -> nnx.Module:
+    """Build `model_cls(cfg)` from checkpoint tensors without ever initialising it randomly."""
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    params = {_path_str(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
+
+    # Plan everything from names and shapes first, so a bad checkpoint fails before any weight is read.
+    plan: dict[str, tuple[str, bool]] = {}
+    claimed: dict[str, str] = {}  # our path -> their name
+    unused, misshaped, duplicated = [], [], []
+    for name, (shape, _) in tensors.items():
+        if name_map.ignored(name):
+            continue
+        target = name_map.to_ours(name)
+        if target is None or target[0] not in params:
+            # A tied model's checkpoint may still carry a copy of the embedding as the output head.
+            if not (target and target[0].startswith("lm_head.") and getattr(cfg, "tie_word_embeddings", False)):
+                unused.append(name)
+            continue
+        path, transpose = target
+        expected = tuple(params[path][1].get_value().shape)
+        got = tuple(reversed(shape)) if transpose else tuple(shape)
+        if got != expected:
+            misshaped.append(f"{name} {tuple(shape)} (as {path}: expected {expected})")
+        elif path in claimed:
+            duplicated.append(f"{claimed[path]} and {name} (both {path})")
+        else:
+            plan[name] = (path, transpose)
+            claimed[path] = name
+    missing = sorted(set(params) - set(claimed))
+    problems = [(what, items) for what, items in (("missing", missing), ("unused", unused),
+                                                  ("mis-shaped", misshaped), ("duplicated", duplicated)) if items]
+    if problems:
+        lines = [f"{source}: checkpoint does not fit the {cfg.model_type} model built from its config."]
+        for what, items in problems:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            lines.append(f"{what} tensors: {shown}.")
+        raise CheckpointError(" ".join(lines))
+
+    filled = []
+    for name, (path, transpose) in plan.items():
+        array = tensors[name][1]()
+        if transpose:
+            array = array.T
+        key, variable = params[path]
+        axes = variable.get_metadata().get("out_sharding")
+        filled.append((key, variable.replace(_place(array, variable.get_value(), axes, mesh))))
+        del array
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+    """Load a causal LM from a Hugging Face directory or repo id, or a .gguf file.
+
+    Weights come from model.safetensors, sharded safetensors (model.safetensors.index.json),
+    transformers' Flax weights (flax_model.msgpack) or a GGUF file (dequantised to `param_dtype`).
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters. With a `mesh`, each
+    tensor is placed straight into the sharding its logical axes map to (see `sharding.py`).
+    """
+    location = _resolve(path_or_repo_id)
+    if location.endswith(".gguf"):
+        from . import gguf
+
+        hf_config, tensors = gguf.read_checkpoint(location)
+    else:
+        hf_config, tensors = _hf_config(location), _checkpoint(location)
+    module = family(hf_config.model_type)
+    cfg = config_from_hf(hf_config)
+    name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)
+    return load_weights(module.Model, cfg, tensors, name_map, source=location, dtype=dtype,
+                        param_dtype=param_dtype, mesh=mesh)
+
+
+def load_tokenizer(path_or_repo_id: str):
+    """The tokenizer of a model directory / repo id (transformers' AutoTokenizer) or of a .gguf file."""
+    location = _resolve(path_or_repo_id)
+    if location.endswith(".gguf"):
+        from . import gguf
+
+        return gguf.read_tokenizer(location)
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(location)
+
+
+def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, bool]]:
+    module = family(model.config.model_type)
+    name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transpose = name_map.to_theirs(_path_str(path))
+        yield name, variable.get_value(), transpose
+
+
+def export_pretrained(model: nnx.Module, out_dir: str, tokenizer: Any = None, *,
+                      max_shard_size: int | str = "5GB") -> str:
+    """Write config.json and safetensors (sharded above `max_shard_size`) that transformers loads.
+
+    Files are written to a temporary directory beside `out_dir` and moved in only when all are complete.
+    Parameters keep their dtype. Returns `out_dir`.
+    """
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from safetensors.numpy import save_file
+
+    if not model.config.hf_config_json:
+        raise CheckpointError("this model has no transformers config to export; load it with from_pretrained")
+    arrays = {name: (array, transpose) for name, array, transpose in _export_tensors(model)}
+    split = split_state_dict_into_shards_factory(
+        {name: array for name, (array, _) in arrays.items()},
+        get_storage_size=lambda a: a.size * a.dtype.itemsize,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out_dir))
+    try:
+        for filename, names in split.filename_to_tensors.items():
+            shard = {}
+            for name in names:
+                array, transpose = arrays[name]
+                host = np.asarray(jax.device_get(array))
+                shard[name] = np.ascontiguousarray(host.T if transpose else host)
+            save_file(shard, os.path.join(staging, filename), metadata={"format": "pt"})
+            del shard
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(a.size * a.dtype.itemsize for a, _ in arrays.values())},
+                     "weight_map": split.tensor_to_filename}
+            with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        config = json.loads(model.config.hf_config_json)
+        config["dtype"] = str(np.dtype(next(iter(arrays.values()))[0].dtype))
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,137 @@
+"""GPT-2: learned position embeddings, LayerNorm, fused q/k/v projection, GELU (tanh) MLP, tied head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import Embed, LayerNorm, Linear, activation, attention, build_mask, default_positions
+
+MODEL_TYPES = ("gpt2",)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    model_type: str
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    layer_norm_epsilon: float
+    activation_function: str = "gelu_new"
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+
+    # The transformers config this was built from (JSON), written back by export_pretrained.
+    hf_config_json: str = dataclasses.field(default="", compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf) -> "GPT2Config":
+        return cls(
+            hf_config_json=hf.to_json_string(use_diff=False),
+            model_type=hf.model_type, vocab_size=hf.vocab_size, n_positions=hf.n_positions, n_embd=hf.n_embd,
+            n_layer=hf.n_layer, n_head=hf.n_head, n_inner=hf.n_inner or 4 * hf.n_embd,
+            layer_norm_epsilon=hf.layer_norm_epsilon, activation_function=hf.activation_function,
+            scale_attn_weights=hf.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=hf.scale_attn_by_inverse_layer_idx,
+            tie_word_embeddings=bool(hf.tie_word_embeddings))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Fused [q | k | v] as in the checkpoint; its output axis is not sharded ("qkv").
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, ("embed", "qkv"), **kw)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, ("q_heads", "embed"), **kw)
+        self.heads = cfg.n_head
+        head_dim = cfg.n_embd // cfg.n_head
+        scale = head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
+
+    def __call__(self, x_BxTxD, mask_BxTxT):
+        b, t, d = x_BxTxD.shape
+        q, k, v = jnp.split(self.c_attn(x_BxTxD), 3, axis=-1)
+        q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
+        return self.c_proj(attention(q, k, v, mask_BxTxT, scale=self.scale).reshape(b, t, d))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_fc = Linear(cfg.n_embd, cfg.n_inner, ("embed", "mlp"), **kw)
+        self.c_proj = Linear(cfg.n_inner, cfg.n_embd, ("mlp", "embed"), **kw)
+        self.act = cfg.activation_function
+
+    def __call__(self, x):
+        return self.c_proj(activation(self.act)(self.c_fc(x)))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, layer, **kw)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x_BxTxD, mask_BxTxT):
+        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask_BxTxT)
+        return x_BxTxD + self.mlp(self.ln_2(x_BxTxD))
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """`model(input_ids, attention_mask=None, positions=None) -> logits [B, T, V]` (see LlamaForCausalLM)."""
+
+    def __init__(self, cfg: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.wte = Embed(cfg.vocab_size, cfg.n_embd, ("vocab", "embed"), **kw)
+        self.wpe = Embed(cfg.n_positions, cfg.n_embd, (None, "embed"), **kw)
+        self.h = nnx.List([Block(cfg, i, **kw) for i in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.n_embd, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
+
+    def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions))
+
+    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None) -> jax.Array:
+        b, t = input_ids_BxT.shape
+        if positions is None:
+            positions = default_positions(attention_mask, b, t)
+        mask_BxTxT = build_mask(attention_mask, b, t)
+        x = self.wte(input_ids_BxT) + self.wpe(positions)
+        for block in self.h:
+            x = block(x, mask_BxTxT)
+        return self.ln_f(x)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return self.wte.attend(hidden_BxTxD)
+        return self.lm_head(hidden_BxTxD)
+
+
+# GPT-2's Conv1D stores weights [in, out], as we do: no transposes.
+HF_RULES = (
+    ("transformer.wte.weight", "wte.embedding", False),
+    ("transformer.wpe.weight", "wpe.embedding", False),
+    ("transformer.ln_f.weight", "ln_f.scale", False),
+    ("transformer.ln_f.bias", "ln_f.bias", False),
+    ("lm_head.weight", "lm_head.kernel", True),
+    ("transformer.h.{i}.ln_{n}.weight", "h.{i}.ln_{n}.scale", False),
+    ("transformer.h.{i}.ln_{n}.bias", "h.{i}.ln_{n}.bias", False),
+    ("transformer.h.{i}.{m}.c_{p}.weight", "h.{i}.{m}.c_{p}.kernel", False),
+    ("transformer.h.{i}.{m}.c_{p}.bias", "h.{i}.{m}.c_{p}.bias", False),
+)
+# The causal-mask buffers of older checkpoints.
+HF_IGNORED = (r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)
+HF_BASE_PREFIX = "transformer."
+
+Config, Model = GPT2Config, GPT2LMHeadModel

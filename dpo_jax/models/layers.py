@@ -1,0 +1,263 @@
+"""Building blocks shared by the model families: parameters with logical axis names, norms, RoPE, attention.
+
+Every parameter carries logical axis names (`out_sharding` metadata) such as ("embed", "mlp"); `sharding.py`
+maps them to mesh axes. Parameters are created without eager sharding, so a model can be built abstractly
+with `nnx.eval_shape` and then filled from a checkpoint straight into its sharding.
+
+Shapes in names: B batch, T query length, S key length, D model width, H query heads, K key/value heads,
+G = H // K query heads per key/value head, E head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# A large finite negative instead of -inf: a fully masked row (a padding query) then gives a finite
+# uniform softmax instead of NaN, and its output is ignored anyway.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter annotated with logical axis names, created unsharded (placement is the loader's job)."""
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] as in Flax (PyTorch's nn.Linear stores [out, in])."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.kernel = param(rngs, nnx.initializers.lecun_normal(), (d_in, d_out), param_dtype, axes)
+        self.bias = param(rngs, nnx.initializers.zeros, (d_out,), param_dtype, axes[1:]) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table [V, D]; `attend` gives tied output logits."""
+
+    def __init__(self, num: int, dim: int, axes: tuple[str, str], *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.embedding = param(rngs, nnx.initializers.normal(0.02), (num, dim), param_dtype, axes)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxTxD: jax.Array) -> jax.Array:
+        return jnp.dot(x_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm computed in float32. `offset=1.0` is Gemma's `x * (1 + w)` (its weights are stored minus one)."""
+
+    def __init__(self, dim: int, eps: float, *, offset: float = 0.0, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.zeros if offset else nnx.initializers.ones
+        self.weight = param(rngs, init, (dim,), param_dtype, ("norm",))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            # Gemma scales in float32, then casts.
+            return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        # Llama casts back first, then scales in the weight's dtype (transformers' LlamaRMSNorm).
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, computed in float32 (GPT-2)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rope_inv_freq(head_dim: int, params: dict, model_type: str) -> tuple[tuple[float, ...], float]:
+    """Inverse frequencies [E/2] and the attention scaling for a transformers `rope_parameters` dict.
+
+    Supports rope_type default, linear and llama3 (Llama 3.1+ long-context scaling). Returned as a tuple of
+    Python floats so that it lives in the (hashable, static) model config.
+    """
+    rope_type = params.get("rope_type", "default")
+    theta = float(params["rope_theta"])
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim))
+    if rope_type == "default":
+        pass
+    elif rope_type == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif rope_type == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_context = float(params["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    else:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(
+            f"{model_type}: rope_type {rope_type!r} is not supported yet; supported: default, linear, llama3")
+    # transformers computes inv_freq in float32; round the same way so positions agree to the last bit.
+    return tuple(float(f) for f in inv_freq.astype(np.float32)), 1.0
+
+
+def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+    """Rotate-half RoPE (transformers' layout: the first and second halves of each head form the pairs)."""
+    freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x_BxTxNxE.dtype), jnp.sin(emb).astype(x_BxTxNxE.dtype)
+    rot = x_BxTxNxE.shape[-1] - emb.shape[-1]  # partial rotary: the tail passes through unrotated
+    x_rot, x_pass = x_BxTxNxE[..., : emb.shape[-1]], x_BxTxNxE[..., emb.shape[-1]:]
+    half = x_rot.shape[-1] // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out, x_pass], axis=-1) if rot else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks and attention
+
+
+def default_positions(attention_mask_BxT: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """Position ids that count only real tokens, so left padding does not shift a sequence's positions.
+
+    With no mask, or a ready [B, T, T] mask, positions are 0..T-1 (pass `positions` for packed rows).
+    """
+    if attention_mask_BxT is None or attention_mask_BxT.ndim == 3:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def build_mask(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """A boolean [B, T, T] mask (True = may attend) from `attention_mask`.
+
+    `attention_mask` may be None (all tokens real), a [B, T] padding mask (1 = real token) which is combined
+    with the causal mask, or a ready [B, T, T] mask used as given (for packed or prefix-shared rows the
+    caller builds causality and segment structure itself).
+    """
+    if attention_mask is not None and attention_mask.ndim == 3:
+        return attention_mask.astype(bool)
+    causal_TxT = jnp.tril(jnp.ones((length, length), dtype=bool))
+    if attention_mask is None:
+        return jnp.broadcast_to(causal_TxT, (batch, length, length))
+    return causal_TxT[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def sliding_window_mask(mask_BxTxS: jax.Array, positions_BxT: jax.Array, window: int | None) -> jax.Array:
+    """Restrict attention to keys less than `window` positions back (key > query - window), as transformers."""
+    if window is None:
+        return mask_BxTxS
+    distance = positions_BxT[:, :, None] - positions_BxT[:, None, :]
+    return mask_BxTxS & (distance < window)
+
+
+def attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mask_BxTxS: jax.Array, *,
+              scale: float, softcap: float | None = None) -> jax.Array:
+    """Grouped-query dot-product attention; scores and softmax in float32. Returns [B, T, H, E]."""
+    b, t, h, e = q_BxTxHxE.shape
+    k = k_BxSxKxE.shape[2]
+    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
+                        preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
+    return out.reshape(b, t, h, e)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks shared by the Llama and Gemma families
+
+
+class SelfAttention(nnx.Module):
+    """Grouped-query self-attention with RoPE; optional q/k bias, q/k RMSNorm, score soft-capping, window."""
+
+    def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool, norm_eps: float, norm_offset: float, scale: float, softcap: float | None,
+                 inv_freq: tuple[float, ...], window: int | None, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(hidden, heads * head_dim, ("embed", "q_heads"), bias=qkv_bias, **kw)
+        self.k_proj = Linear(hidden, kv_heads * head_dim, ("embed", "kv_heads"), bias=qkv_bias, **kw)
+        self.v_proj = Linear(hidden, kv_heads * head_dim, ("embed", "kv_heads"), bias=qkv_bias, **kw)
+        self.o_proj = Linear(heads * head_dim, hidden, ("q_heads", "embed"), bias=o_bias, **kw)
+        norm = dict(offset=norm_offset, param_dtype=param_dtype, rngs=rngs)
+        self.q_norm = RMSNorm(head_dim, norm_eps, **norm) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps, **norm) if qk_norm else None
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.scale, self.softcap, self.inv_freq, self.window = scale, softcap, inv_freq, window
+
+    def __call__(self, x_BxTxD: jax.Array, mask_BxTxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+        b, t, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions_BxT, self.inv_freq)
+        k = apply_rope(k, positions_BxT, self.inv_freq)
+        mask = sliding_window_mask(mask_BxTxT, positions_BxT, self.window)
+        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)), the SwiGLU / GeGLU feed-forward of Llama, Qwen and Gemma."""
+
+    def __init__(self, hidden: int, inner: int, act: str, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(hidden, inner, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(hidden, inner, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(inner, hidden, ("mlp", "embed"), **kw)
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))

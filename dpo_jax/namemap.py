@@ -1,0 +1,52 @@
+"""Declarative maps between checkpoint tensor names and our parameter paths.
+
+A rule is (their name template, our path template, transpose). `{i}` in a template stands for a layer
+index, any other `{x}` for a short lowercase word, and the same placeholders fill the other side. One
+table serves both directions: import (their name -> our path) and export (our path -> their name).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = ""
+    for k, part in enumerate(parts):
+        if k % 2 == 0:
+            regex += re.escape(part)
+        else:
+            regex += rf"(?P<{part}>\d+)" if part == "i" else rf"(?P<{part}>[a-z0-9]+)"
+    return re.compile(regex)
+
+
+class NameMap:
+    def __init__(self, rules: tuple[tuple[str, str, bool], ...], ignored: tuple[str, ...] = (),
+                 base_prefix: str = ""):
+        self._forward = [(_pattern(theirs), ours, t) for theirs, ours, t in rules]
+        self._backward = [(_pattern(ours), theirs, t) for theirs, ours, t in rules]
+        self._ignored = [re.compile(p) for p in ignored]
+        self._base_prefix = base_prefix
+
+    def ignored(self, name: str) -> bool:
+        return any(p.fullmatch(name) for p in self._ignored)
+
+    def to_ours(self, name: str) -> tuple[str, bool] | None:
+        """Our path and whether to transpose, for one of their names; None if no rule matches.
+
+        Names saved from a base model (no `model.` / `transformer.` prefix) are accepted too.
+        """
+        for candidate in (name, self._base_prefix + name):
+            for pattern, ours, transpose in self._forward:
+                m = pattern.fullmatch(candidate)
+                if m:
+                    return ours.format(**m.groupdict()), transpose
+        return None
+
+    def to_theirs(self, path: str) -> tuple[str, bool]:
+        for pattern, theirs, transpose in self._backward:
+            m = pattern.fullmatch(path)
+            if m:
+                return theirs.format(**m.groupdict()), transpose
+        raise KeyError(f"no checkpoint name for parameter {path!r}")

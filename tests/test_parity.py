@@ -1,0 +1,109 @@
+"""Our Flax models against transformers' PyTorch models on the same weights, for every architecture."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax.serialization import msgpack_serialize
+from transformers.pytorch_utils import Conv1D
+
+import dpo_jax
+from tiny_models import CONFIGS, batch, make_model, relative_error, torch_logits
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers(name, tmp_path):
+    ref_model = make_model(name)
+    ref_model.save_pretrained(tmp_path)
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    ids, mask = batch()
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = torch_logits(ref_model, ids, mask)
+    assert got.shape == ref.shape
+    assert relative_error(got, ref, mask) <= TOL
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_padding_does_not_change_logits(name, tmp_path):
+    """A left- or right-padded sequence gives the logits of the same sequence unpadded (transformers)."""
+    ref_model = make_model(name)
+    ref_model.save_pretrained(tmp_path)
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    ids, mask = batch()
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    for row in (1, 2):
+        real = mask[row].astype(bool)
+        alone = ids[row][real][None]
+        ref = torch_logits(ref_model, alone, np.ones_like(alone))[0]
+        assert relative_error(got[row][real], ref, np.ones(len(ref))) <= TOL
+
+
+def test_sharded_safetensors(tmp_path):
+    ref_model = make_model("llama", seed=1)
+    ref_model.save_pretrained(tmp_path, max_shard_size="30KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    ids, mask = batch()
+    assert relative_error(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))),
+                          torch_logits(ref_model, ids, mask), mask) <= TOL
+
+
+def _to_hf_flax(model: torch.nn.Module) -> dict:
+    """The nested parameter dict transformers' Flax models used: Dense/Conv1D `kernel` = PyTorch weight
+    transposed, `embedding` for nn.Embedding, `scale` for nn.LayerNorm, RMSNorm keeps `weight`."""
+    kinds = {}
+    for module_name, module in model.named_modules():
+        kinds[module_name] = type(module)
+    params = {}
+    for name, tensor in model.state_dict().items():
+        module_name, leaf = name.rsplit(".", 1)
+        array = tensor.numpy()
+        kind = kinds[module_name]
+        if leaf == "weight" and issubclass(kind, (torch.nn.Linear, Conv1D)):
+            leaf, array = "kernel", array.T
+        elif leaf == "weight" and issubclass(kind, torch.nn.Embedding):
+            leaf = "embedding"
+        elif leaf == "weight" and issubclass(kind, torch.nn.LayerNorm):
+            leaf = "scale"
+        node = params
+        for part in module_name.split("."):
+            node = node.setdefault(part, {})
+        node[leaf] = np.ascontiguousarray(array)
+    return params
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_flax_msgpack_weights(name, tmp_path):
+    ref_model = make_model(name, seed=2)
+    ref_model.config.save_pretrained(tmp_path)
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(_to_hf_flax(ref_model)))
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    ids, mask = batch()
+    assert relative_error(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))),
+                          torch_logits(ref_model, ids, mask), mask) <= TOL
+
+
+def test_bfloat16_params_and_compute(tmp_path):
+    """bfloat16 storage and compute stays close to float32 transformers (bf16 rounding, not a bug)."""
+    ref_model = make_model("llama")
+    ref_model.save_pretrained(tmp_path)
+    model = dpo_jax.from_pretrained(str(tmp_path), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    ids, mask = batch()
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
+    # bfloat16 keeps 8 significant bits: a few percent of the largest logit is its rounding.
+    assert relative_error(got, torch_logits(ref_model, ids, mask), mask) <= 5e-2
+
+
+def test_config_json_roundtrip_of_model_type(tmp_path):
+    ref_model = make_model("qwen3")
+    ref_model.save_pretrained(tmp_path)
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    assert json.loads(model.config.hf_config_json)["model_type"] == "qwen3"
+    assert model.config.qk_norm and model.config.head_dim == 24

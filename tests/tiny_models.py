@@ -1,0 +1,79 @@
+"""Tiny random transformers models of every supported architecture, saved as real checkpoints.
+
+The reference for every parity test is transformers' own PyTorch model on the same weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2)
+
+# name -> transformers config. Each exercises what its family adds: GQA, biases, RoPE scaling, tied and
+# untied heads, sliding windows shorter than the test sequences, q/k norms, soft-capping.
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**_COMMON, attention_bias=True, mlp_bias=True,
+                                              rope_parameters=LLAMA3_ROPE),
+    "llama_tied_linear_rope": lambda: transformers.LlamaConfig(
+        **_COMMON, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 100000.0, "factor": 2.0}),
+    "mistral": lambda: transformers.MistralConfig(**_COMMON, head_dim=16, sliding_window=5),
+    "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
+    "qwen2_sliding": lambda: transformers.Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=5,
+                                                      max_window_layers=1),
+    "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=24),
+    "gemma": lambda: transformers.GemmaConfig(**_COMMON, head_dim=16, hidden_act="gelu_pytorch_tanh"),
+    "gemma2": lambda: transformers.Gemma2Config(**_COMMON, head_dim=16, query_pre_attn_scalar=20,
+                                                sliding_window=5, attn_logit_softcapping=2.0,
+                                                final_logit_softcapping=3.0),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **_COMMON, head_dim=16, query_pre_attn_scalar=20, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 4.0}}),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=3, n_head=4),
+}
+
+
+def make_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A float32 transformers model whose every parameter (norms and biases too) is random."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager",
+                                                          dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def batch(vocab: int = 128, seed: int = 0):
+    """Token ids [3, 14] and a padding mask: row 0 full, row 1 right-padded, row 2 left-padded."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, size=(3, 14))
+    mask = np.ones((3, 14), np.int32)
+    mask[1, 10:] = 0
+    mask[2, :4] = 0
+    return ids, mask
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """What dpo_jax uses by default: real tokens counted from 0, padding does not move them."""
+    return np.maximum(mask.cumsum(-1) - 1, 0)
+
+
+def torch_logits(model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions(mask)))
+    return out.logits.float().numpy()
+
+
+def relative_error(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
+    """max |got - ref| / max |ref| over real (non-padding) positions."""
+    valid = mask.astype(bool)
+    return float(np.abs(got - ref)[valid].max() / np.abs(ref[valid]).max())

@@ -57,11 +57,11 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_config(path: str):
+def read_config(path: str, reader=None):
     """A transformers LlamaConfig built from the GGUF metadata."""
     import transformers
 
-    reader = _reader(path)
+    reader = reader or _reader(path)
     arch = _architecture(reader, path)
 
     def md(key, default=None):
@@ -86,8 +86,8 @@ def read_checkpoint(path: str):
     """(transformers config, tensors) where tensors maps transformers' names to (shape, read)."""
     import gguf
 
-    config = read_config(path)
     reader = _reader(path)
+    config = read_config(path, reader)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     tensors = {}
     for tensor in reader.tensors:

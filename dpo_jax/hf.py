@@ -38,6 +38,8 @@ def _resolve(path_or_repo_id: str) -> str:
         if os.path.isdir(path) or path.endswith(".gguf"):
             return path
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
+    if os.path.isabs(path) or path.startswith(".") or path.endswith(".gguf") or str(path_or_repo_id).count("/") > 1:
+        raise CheckpointError(f"{path}: no such file or directory")
     try:
         from huggingface_hub import snapshot_download
 
@@ -203,7 +205,9 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
 
         hf_config, tensors = gguf.read_checkpoint(location)
     else:
-        hf_config, tensors = _hf_config(location), _checkpoint(location)
+        hf_config = _hf_config(location)
+        family(hf_config.model_type)  # an unsupported model type fails before any file is read
+        tensors = _checkpoint(location)
     module = family(hf_config.model_type)
     cfg = config_from_hf(hf_config)
     name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)

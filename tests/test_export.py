@@ -1,6 +1,9 @@
 """export_pretrained writes what transformers loads, and transformers then computes the original logits."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +56,20 @@ def test_export_bfloat16(tmp_path):
     assert reloaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     expected = ref_model.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16)
     assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, expected)
+
+
+def test_convert_script(tmp_path):
+    """scripts/convert.py: model + tokenizer in, a directory transformers loads out."""
+    ref_model = make_model("qwen3", seed=6)
+    ref_model.save_pretrained(tmp_path / "src")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(tmp_path / "src")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert.py")
+    result = subprocess.run([sys.executable, script, "--model_name_or_path", str(tmp_path / "src"),
+                             "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask = batch()
+    assert relative_error(torch_logits(reloaded, ids, mask), torch_logits(ref_model, ids, mask), mask) <= 1e-6
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("w5 w7")["input_ids"] == [5, 7]

@@ -9,6 +9,7 @@ and every parameter must be used exactly once; anything else is an error that na
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from . import sharding
 from .errors import CheckpointError
 from .models import config_from_hf, family
 from .namemap import NameMap
+
+logger = logging.getLogger(__name__)
 
 # name -> (shape, read): `read()` gives the tensor as a numpy array in transformers' (PyTorch) layout.
 Tensors = dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]
@@ -50,13 +53,17 @@ def _resolve(path_or_repo_id: str) -> str:
             f"({type(e).__name__}: {e}). Pass a local directory (config.json + weights) or a .gguf file.") from e
 
 
-def _safetensors(files: list[str]) -> Tensors:
+def _safetensors(weight_map: dict[str, str]) -> Tensors:
+    """Tensors of safetensors files, `weight_map` saying which file holds each name."""
     from safetensors import safe_open
 
     tensors: Tensors = {}
-    for file in files:
+    for file in sorted(set(weight_map.values())):
         with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
+            present = set(f.keys())
+            for name in (n for n, where in weight_map.items() if where == file):
+                if name not in present:
+                    raise CheckpointError(f"{file}: tensor {name} is listed in the index but not in the file")
                 shape = tuple(f.get_slice(name).get_shape())
 
                 def read(file=file, name=name):
@@ -65,6 +72,13 @@ def _safetensors(files: list[str]) -> Tensors:
 
                 tensors[name] = (shape, read)
     return tensors
+
+
+def _single_safetensors(file: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="numpy") as f:
+        return {name: file for name in f.keys()}
 
 
 def _flax_msgpack(file: str) -> Tensors:
@@ -97,14 +111,13 @@ def _checkpoint(directory: str) -> Tensors:
     msgpack = os.path.join(directory, "flax_model.msgpack")
     if os.path.exists(index):
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+            weight_map = {name: os.path.join(directory, file) for name, file in json.load(f)["weight_map"].items()}
+        missing = sorted({f for f in weight_map.values() if not os.path.exists(f)})
         if missing:
             raise CheckpointError(f"{index} lists shard files that are not there: {', '.join(missing)}")
-        return _safetensors([os.path.join(directory, f) for f in files])
+        return _safetensors(weight_map)
     if os.path.exists(single):
-        return _safetensors([single])
+        return _safetensors(_single_safetensors(single))
     if os.path.exists(msgpack):
         return _flax_msgpack(msgpack)
     raise CheckpointError(
@@ -168,7 +181,7 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
         else:
             plan[name] = (path, transpose)
             claimed[path] = name
-    missing = sorted(set(params) - set(claimed))
+    missing = [name_map.to_theirs(path)[0] for path in sorted(set(params) - set(claimed))]
     problems = [(what, items) for what, items in (("missing", missing), ("unused", unused),
                                                   ("mis-shaped", misshaped), ("duplicated", duplicated)) if items]
     if problems:
@@ -190,6 +203,21 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
+def _untie_if_head_differs(hf_config, tensors: Tensors, name_map: NameMap, embedding_path: str) -> None:
+    """A config that says tied but a checkpoint with its own, different output head: transformers then uses
+    that head (with a warning), and so do we. An identical copy of the embedding is simply skipped."""
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        return
+    by_path = {mapped[0]: name for name in tensors if (mapped := name_map.to_ours(name))}
+    head, embedding = by_path.get("lm_head.kernel"), by_path.get(embedding_path)
+    if head is None or embedding is None or tensors[head][0] != tensors[embedding][0]:
+        return
+    if not np.array_equal(tensors[head][1](), tensors[embedding][1]()):
+        logger.warning("config.json ties the output head to the embedding, but the checkpoint's %s differs from "
+                       "%s: using it as an untied head, as transformers does", head, embedding)
+        hf_config.tie_word_embeddings = False
+
+
 def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                     mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """Load a causal LM from a Hugging Face directory or repo id, or a .gguf file.
@@ -209,8 +237,9 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
         family(hf_config.model_type)  # an unsupported model type fails before any file is read
         tensors = _checkpoint(location)
     module = family(hf_config.model_type)
-    cfg = config_from_hf(hf_config)
     name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)
+    _untie_if_head_differs(hf_config, tensors, name_map, module.EMBEDDING_PATH)
+    cfg = config_from_hf(hf_config)
     return load_weights(module.Model, cfg, tensors, name_map, source=location, dtype=dtype,
                         param_dtype=param_dtype, mesh=mesh)
 
@@ -277,6 +306,9 @@ def export_pretrained(model: nnx.Module, out_dir: str, tokenizer: Any = None, *,
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):  # weights of an earlier export would shadow or mix with these
+            if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")):
+                os.remove(os.path.join(out_dir, name))
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     finally:

@@ -27,7 +27,7 @@ def _edit(directory, edit):
 
 def test_missing_tensor_is_named(llama_dir):
     _edit(llama_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(dpo_jax.CheckpointError, match=r"missing tensors: layers\.1\.mlp\.up_proj\.kernel"):
+    with pytest.raises(dpo_jax.CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
         dpo_jax.from_pretrained(str(llama_dir))
 
 
@@ -47,7 +47,7 @@ def test_config_that_does_not_match_weights(llama_dir):
     config = json.loads((llama_dir / "config.json").read_text())
     config["num_hidden_layers"] = 4
     (llama_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(dpo_jax.CheckpointError, match=r"missing tensors: layers\.3\."):
+    with pytest.raises(dpo_jax.CheckpointError, match=r"missing tensors: model\.layers\.3\."):
         dpo_jax.from_pretrained(str(llama_dir))
 
 

@@ -1,7 +1,7 @@
 """The Gemma family: Gemma (1), Gemma 2 and Gemma 3 (text).
 
 What sets it apart from Llama: RMSNorm scales by (1 + w); embeddings are multiplied by sqrt(hidden_size);
-GeGLU feed-forward; tied output head. Gemma 2 and 3 add "sandwich" norms (after attention and after the
+GeGLU feed-forward; usually a tied output head. Gemma 2 and 3 add "sandwich" norms (after attention and after the
 MLP too), alternating sliding-window and global layers and a query scale from `query_pre_attn_scalar`;
 Gemma 2 soft-caps attention scores and final logits; Gemma 3 adds q/k RMSNorm and a separate RoPE base
 for its local (sliding) layers.
@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Embed, GatedMLP, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq
+from ..errors import CheckpointError
+from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -38,6 +39,7 @@ class GemmaConfig:
     sliding_windows: tuple[int | None, ...]    # per layer; None = global attention
     sandwich_norms: bool                       # Gemma 2/3: norms after attention and after the MLP too
     qk_norm: bool                              # Gemma 3
+    tie_word_embeddings: bool = True
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
 
@@ -46,6 +48,9 @@ class GemmaConfig:
 
     @classmethod
     def from_hf(cls, hf) -> "GemmaConfig":
+        if getattr(hf, "use_bidirectional_attention", None):
+            raise CheckpointError(f"{hf.model_type}: use_bidirectional_attention (an encoder) is not a causal LM; "
+                                  "dpo-jax supports causal attention only")
         n = hf.num_hidden_layers
         layer_types = getattr(hf, "layer_types", None) or ("full_attention",) * n
         rope = hf.rope_parameters
@@ -59,7 +64,9 @@ class GemmaConfig:
             model_type=hf.model_type, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
             intermediate_size=hf.intermediate_size, num_layers=n, num_heads=hf.num_attention_heads,
             num_kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim, rms_norm_eps=hf.rms_norm_eps,
-            hidden_act=getattr(hf, "hidden_activation", None) or hf.hidden_act, query_scale=scalar ** -0.5,
+            # Gemma 1's MLP reads hidden_act; Gemma 2 and 3 read hidden_activation.
+            hidden_act=hf.hidden_act if hf.model_type == "gemma" else hf.hidden_activation,
+            query_scale=scalar ** -0.5, tie_word_embeddings=bool(hf.tie_word_embeddings),
             inv_freqs=tuple(freqs[kind] for kind in layer_types),
             sliding_windows=tuple(window if kind == "sliding_attention" else None for kind in layer_types),
             sandwich_norms=hf.model_type != "gemma", qk_norm=hf.model_type == "gemma3_text",
@@ -104,6 +111,8 @@ class GemmaForCausalLM(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
 
     def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
@@ -122,7 +131,7 @@ class GemmaForCausalLM(nnx.Module):
         return self.norm(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        logits = self.embed_tokens.attend(hidden_BxTxD)
+        logits = self.embed_tokens.attend(hidden_BxTxD) if self.lm_head is None else self.lm_head(hidden_BxTxD)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 
@@ -140,6 +149,7 @@ HF_RULES = (
     ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.mlp.{p}_proj.kernel", True),
 )
 HF_IGNORED = (r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
+EMBEDDING_PATH = "embed_tokens.embedding"  # what a tied output head reuses
 HF_BASE_PREFIX = "model."
 
 Config, Model = GemmaConfig, GemmaForCausalLM

@@ -66,10 +66,10 @@ class MLP(nnx.Module):
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.c_fc = Linear(cfg.n_embd, cfg.n_inner, ("embed", "mlp"), **kw)
         self.c_proj = Linear(cfg.n_inner, cfg.n_embd, ("mlp", "embed"), **kw)
-        self.act = cfg.activation_function
+        self.act = activation(cfg.activation_function)
 
     def __call__(self, x):
-        return self.c_proj(activation(self.act)(self.c_fc(x)))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nnx.Module):
@@ -132,6 +132,7 @@ HF_RULES = (
 )
 # The causal-mask buffers of older checkpoints.
 HF_IGNORED = (r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)
+EMBEDDING_PATH = "wte.embedding"  # what a tied output head reuses
 HF_BASE_PREFIX = "transformer."
 
 Config, Model = GPT2Config, GPT2LMHeadModel

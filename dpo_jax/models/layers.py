@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..errors import CheckpointError
+
 # A large finite negative instead of -inf: a fully masked row (a padding query) then gives a finite
 # uniform softmax instead of NaN, and its output is ignored anyway.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -51,7 +53,10 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Out-of-range ids (a padding id past the vocabulary, a position past GPT-2's table) are clipped:
+        # jnp.take would give NaN rows that spread through masked attention as 0 * NaN. Real tokens are
+        # validated by the data pipeline; a jitted model cannot raise.
+        return jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(self.dtype)
 
     def attend(self, x_BxTxD: jax.Array) -> jax.Array:
         return jnp.dot(x_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
@@ -104,8 +109,6 @@ ACTIVATIONS = {
 
 def activation(name: str):
     if name not in ACTIVATIONS:
-        from ..errors import CheckpointError
-
         raise CheckpointError(f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]
 
@@ -117,48 +120,44 @@ def activation(name: str):
 def rope_inv_freq(head_dim: int, params: dict, model_type: str) -> tuple[tuple[float, ...], float]:
     """Inverse frequencies [E/2] and the attention scaling for a transformers `rope_parameters` dict.
 
-    Supports rope_type default, linear and llama3 (Llama 3.1+ long-context scaling). Returned as a tuple of
-    Python floats so that it lives in the (hashable, static) model config.
+    Supports rope_type default, linear and llama3 (Llama 3.1+ long-context scaling). Computed in float32
+    as transformers does, so the frequencies agree to the bit (rounding them from float64 instead moves
+    logits by ~3e-5 at position 4096). Returned as Python floats to live in the static model config.
     """
     rope_type = params.get("rope_type", "default")
-    theta = float(params["rope_theta"])
-    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float64) / dim))
-    if rope_type == "default":
-        pass
-    elif rope_type == "linear":
-        inv_freq = inv_freq / float(params["factor"])
+    if rope_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(
+            f"{model_type}: rope_type {rope_type!r} is not supported yet; supported: default, linear, llama3")
+    if rope_type != "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
+        # (transformers' default RoPE ignores the factor in these families, and so do we.)
+        raise CheckpointError(f"{model_type}: partial_rotary_factor with rope_type {rope_type!r} is not supported")
+    theta = np.float32(params["rope_theta"])
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / (theta ** exponents)
+    if rope_type == "linear":
+        inv_freq = inv_freq / np.float32(params["factor"])
     elif rope_type == "llama3":
-        factor = float(params["factor"])
-        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
-        old_context = float(params["original_max_position_embeddings"])
+        factor = np.float32(params["factor"])
+        low, high = np.float32(params["low_freq_factor"]), np.float32(params["high_freq_factor"])
+        old_context = np.float32(params["original_max_position_embeddings"])
         low_wavelen, high_wavelen = old_context / low, old_context / high
-        wavelen = 2 * math.pi / inv_freq
+        wavelen = np.float32(2 * math.pi) / inv_freq
         scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         smooth = (old_context / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(is_medium, smoothed, scaled)
-    else:
-        from ..errors import CheckpointError
-
-        raise CheckpointError(
-            f"{model_type}: rope_type {rope_type!r} is not supported yet; supported: default, linear, llama3")
-    # transformers computes inv_freq in float32; round the same way so positions agree to the last bit.
     return tuple(float(f) for f in inv_freq.astype(np.float32)), 1.0
 
 
 def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
-    """Rotate-half RoPE (transformers' layout: the first and second halves of each head form the pairs)."""
+    """Rotate-half RoPE over the whole head (transformers' layout: dims i and i + E/2 form a pair)."""
     freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x_BxTxNxE.dtype), jnp.sin(emb).astype(x_BxTxNxE.dtype)
-    rot = x_BxTxNxE.shape[-1] - emb.shape[-1]  # partial rotary: the tail passes through unrotated
-    x_rot, x_pass = x_BxTxNxE[..., : emb.shape[-1]], x_BxTxNxE[..., emb.shape[-1]:]
-    half = x_rot.shape[-1] // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    out = x_rot * cos + rotated * sin
-    return jnp.concatenate([out, x_pass], axis=-1) if rot else out
+    half = x_BxTxNxE.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxE[..., half:], x_BxTxNxE[..., :half]], axis=-1)
+    return x_BxTxNxE * cos + rotated * sin
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +256,7 @@ class GatedMLP(nnx.Module):
         self.gate_proj = Linear(hidden, inner, ("embed", "mlp"), **kw)
         self.up_proj = Linear(hidden, inner, ("embed", "mlp"), **kw)
         self.down_proj = Linear(inner, hidden, ("mlp", "embed"), **kw)
-        self.act = act
+        self.act = activation(act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -145,6 +145,7 @@ HF_RULES = (
 )
 # Buffers some older checkpoints carry; recomputed, not loaded.
 HF_IGNORED = (r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
+EMBEDDING_PATH = "embed_tokens.embedding"  # what a tied output head reuses
 HF_BASE_PREFIX = "model."
 
 Config, Model = LlamaConfig, LlamaForCausalLM

@@ -234,7 +234,7 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
         hf_config, tensors = gguf.read_checkpoint(location)
     else:
         hf_config = _hf_config(location)
-        family(hf_config.model_type)  # an unsupported model type fails before any file is read
+        config_from_hf(hf_config)  # an unsupported model type or setting fails before weights are opened
         tensors = _checkpoint(location)
     module = family(hf_config.model_type)
     name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)

@@ -79,3 +79,27 @@ def test_cli_error_exit_status_and_no_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_duplicated_tensor_is_named(llama_dir):
+    """The same parameter under its full and its base-model name."""
+    _edit(llama_dir, lambda t: t.update({"norm.weight": t["model.norm.weight"]}))
+    with pytest.raises(dpo_jax.CheckpointError, match=r"duplicated tensors: .*norm\.weight.*\(both norm\.weight\)"):
+        dpo_jax.from_pretrained(str(llama_dir))
+
+
+def test_unsupported_rope_type(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                              "rope_theta": 10000.0})
+    config.save_pretrained(tmp_path)
+    with pytest.raises(dpo_jax.CheckpointError, match=r"rope_type 'yarn' is not supported yet; supported: default"):
+        dpo_jax.from_pretrained(str(tmp_path))
+
+
+def test_bidirectional_gemma3_is_refused(tmp_path):
+    transformers.Gemma3TextConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                  use_bidirectional_attention=True).save_pretrained(tmp_path)
+    with pytest.raises(dpo_jax.CheckpointError, match="use_bidirectional_attention"):
+        dpo_jax.from_pretrained(str(tmp_path))

@@ -73,3 +73,17 @@ def test_convert_script(tmp_path):
     ids, mask = batch()
     assert relative_error(torch_logits(reloaded, ids, mask), torch_logits(ref_model, ids, mask), mask) <= 1e-6
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("w5 w7")["input_ids"] == [5, 7]
+
+
+def test_export_over_an_earlier_export_replaces_its_weights(tmp_path):
+    first, second = make_model("llama", seed=9), make_model("llama", seed=10)
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    dpo_jax.export_pretrained(dpo_jax.from_pretrained(str(tmp_path / "a")), str(tmp_path / "out"),
+                              max_shard_size="40KB")
+    dpo_jax.export_pretrained(dpo_jax.from_pretrained(str(tmp_path / "b")), str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    ids, mask = batch()
+    ours = dpo_jax.from_pretrained(str(tmp_path / "out"))
+    assert relative_error(np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask))),
+                          torch_logits(second, ids, mask), mask) <= 1e-5

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax.serialization import msgpack_serialize
+from safetensors.numpy import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import dpo_jax
@@ -107,3 +109,57 @@ def test_config_json_roundtrip_of_model_type(tmp_path):
     model = dpo_jax.from_pretrained(str(tmp_path))
     assert json.loads(model.config.hf_config_json)["model_type"] == "qwen3"
     assert model.config.qk_norm and model.config.head_dim == 24
+
+
+@pytest.mark.parametrize("name", ["llama_head128", "llama", "gemma3_text"])
+def test_far_positions_match_transformers(name, tmp_path):
+    """RoPE frequencies agree to the bit: at position 30000 a float64-rounded table is off by ~1e-4."""
+    ref_model = make_model(name)
+    ref_model.save_pretrained(tmp_path)
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    ids, _ = batch()
+    far = np.broadcast_to(np.arange(ids.shape[1]) + 30000, ids.shape)
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor(ids), position_ids=torch.tensor(far)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(ids), positions=jnp.asarray(far)))
+    assert relative_error(got, ref, np.ones(ids.shape)) <= TOL
+
+
+def test_out_of_range_padding_id_gives_no_nan(tmp_path):
+    """A padding id past the vocabulary (masked out) must not turn the row into NaN."""
+    ref_model = make_model("llama")
+    ref_model.save_pretrained(tmp_path)
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    ids, mask = batch()
+    padded = np.where(mask.astype(bool), ids, 128)  # 128 == vocab_size
+    got = np.asarray(model(jnp.asarray(padded), jnp.asarray(mask)))
+    assert np.isfinite(got).all()
+    assert relative_error(got, torch_logits(ref_model, ids, mask), mask) <= TOL
+
+
+def test_tied_config_with_a_different_head_uses_the_head(tmp_path):
+    """transformers uses a checkpoint's own lm_head even when the config says tied; so must we."""
+    ref_model = make_model("llama", seed=7)  # untied, its head differs from its embedding
+    ref_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    ids, mask = batch()
+    ref = torch_logits(reference, ids, mask)
+    assert relative_error(ref, torch_logits(ref_model, ids, mask), mask) <= TOL  # transformers kept the head
+    assert relative_error(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), ref, mask) <= TOL
+
+
+def test_tied_checkpoint_carrying_a_copy_of_the_head(tmp_path):
+    ref_model = make_model("gemma2", seed=8)
+    ref_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    assert model.lm_head is None
+    ids, mask = batch()
+    assert relative_error(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))),
+                          torch_logits(ref_model, ids, mask), mask) <= TOL

@@ -22,13 +22,19 @@ CONFIGS = {
     "llama_tied_linear_rope": lambda: transformers.LlamaConfig(
         **_COMMON, tie_word_embeddings=True,
         rope_parameters={"rope_type": "linear", "rope_theta": 100000.0, "factor": 2.0}),
-    "mistral": lambda: transformers.MistralConfig(**_COMMON, head_dim=16, sliding_window=5),
+    "mistral": lambda: transformers.MistralConfig(**_COMMON, head_dim=24, sliding_window=5),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
     "qwen2_sliding": lambda: transformers.Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=5,
                                                       max_window_layers=1),
+    # Realistic head size for RoPE precision at far positions (tests/test_parity.py).
+    "llama_head128": lambda: transformers.LlamaConfig(**{**_COMMON, "num_hidden_layers": 1}, head_dim=128,
+                                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
     "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=24),
-    "gemma": lambda: transformers.GemmaConfig(**_COMMON, head_dim=16, hidden_act="gelu_pytorch_tanh"),
-    "gemma2": lambda: transformers.Gemma2Config(**_COMMON, head_dim=16, query_pre_attn_scalar=20,
+    # Gemma 1 reads hidden_act; a different hidden_activation beside it must not be used.
+    "gemma": lambda: transformers.GemmaConfig(**_COMMON, head_dim=16, hidden_act="gelu_pytorch_tanh",
+                                              hidden_activation="relu"),
+    "gemma_untied": lambda: transformers.GemmaConfig(**_COMMON, head_dim=16, tie_word_embeddings=False),
+    "gemma2": lambda: transformers.Gemma2Config(**_COMMON, head_dim=24, query_pre_attn_scalar=20,
                                                 sliding_window=5, attn_logit_softcapping=2.0,
                                                 final_logit_softcapping=3.0),
     "gemma3_text": lambda: transformers.Gemma3TextConfig(

@@ -31,7 +31,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     A dimension stays replicated when its mesh axis is absent, of size 1, or does not divide it.
     """
     spec = []
-    for name, dim in zip(axes, shape):
+    for name, dim in zip(axes, shape, strict=True):
         mesh_axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
         size = mesh.shape.get(mesh_axis, 1) if mesh_axis else 1
         spec.append(mesh_axis if size > 1 and dim % size == 0 else None)

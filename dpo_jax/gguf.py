@@ -8,6 +8,9 @@ template in the metadata by transformers' own GGUF tokenizer converter (which ne
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
 from .errors import CheckpointError
@@ -31,6 +34,13 @@ _LLAMA_NAMES = NameMap((
 
 
 def _reader(path: str):
+    """The parsed file. Parsing the metadata (tens of thousands of vocabulary strings) takes seconds in
+    Python, so the model and the tokenizer of one file share one parse (keyed by path and mtime)."""
+    return _cached_reader(os.path.abspath(path), os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime: float):
     import gguf
 
     try:

@@ -67,11 +67,11 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_config(path: str, reader=None):
+def read_config(path: str):
     """A transformers LlamaConfig built from the GGUF metadata."""
     import transformers
 
-    reader = reader or _reader(path)
+    reader = _reader(path)
     arch = _architecture(reader, path)
 
     def md(key, default=None):
@@ -96,8 +96,8 @@ def read_checkpoint(path: str):
     """(transformers config, tensors) where tensors maps transformers' names to (shape, read)."""
     import gguf
 
-    reader = _reader(path)
-    config = read_config(path, reader)
+    config = read_config(path)
+    reader = _reader(path)  # the same parse (cached)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     tensors = {}
     for tensor in reader.tensors:

@@ -1,0 +1,132 @@
+"""The data audit: what was read, dropped, truncated or suspicious, and how much padding the buckets cost.
+
+Printed as a short table before training and written to `output_dir/data_audit.json`. Any count named in
+`audit_fail_on` that is above zero stops the run before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from .batching import BatchIterator, Pairs
+from .config import AUDIT_CHECKS
+from .data import MAX_LISTED, Split
+from .errors import UserError
+
+AUDIT_FILE = "data_audit.json"
+
+
+def audit(pairs: Pairs, split: Split, batches: BatchIterator, tokenizer) -> dict:
+    """Counts and row numbers of everything worth knowing about one split before training on it."""
+    p, rows = pairs, pairs.rows
+    seqs = [(i, w, *p.sequence(i, w)) for i in range(len(p)) for w in ("chosen", "rejected")]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos_counts = np.array([int((ids == bos).sum()) if bos is not None else 0 for _, _, ids, _ in seqs])
+    no_eos = sorted({int(rows[i]) for i, _, ids, m in seqs if eos is not None and not (ids[m == 1] == eos).any()})
+    _, first = np.unique(p.pair_key, return_index=True)
+    duplicate = np.ones(len(p), bool)
+    duplicate[first] = False
+    truncated = (p.prompt_length < p.raw_lengths["prompt"]) | p.truncated_at_max_length["chosen"] \
+        | p.truncated_at_max_length["rejected"]
+    for w in ("chosen", "rejected"):
+        truncated |= p.completion_length[w] < p.raw_lengths[w]
+    dropped_rows = _dropped_rows(split, pairs)
+    checks = {
+        "skipped": [r for r, _ in split.skipped],
+        "dropped": dropped_rows,
+        "truncated": rows[truncated].tolist(),
+        "identical": rows[p.flags["identical"]].tolist(),
+        "duplicates": rows[duplicate].tolist(),
+        "boundary_merges": rows[p.flags["boundary_merged"]].tolist(),
+        "doubled_bos": rows[p.flags["bos_fixed"] > 0].tolist(),
+        "missing_eos": no_eos,
+    }
+    lengths = np.array([len(ids) for _, _, ids, _ in seqs])
+    edges = np.unique(np.linspace(0, max(int(lengths.max()), 1), 9).round().astype(int))
+    hist, _ = np.histogram(lengths, bins=edges)
+    return {
+        "source": split.source, "format": split.fmt, "implicit_prompt": split.implicit_prompt,
+        "records_read": split.read, "pairs_kept": len(p),
+        "counts": {k: len(v) for k, v in checks.items()},
+        "first_rows": {k: [int(r) for r in v[:MAX_LISTED]] for k, v in checks.items() if v},
+        "skipped_reasons": [f"row {r}: {why}" for r, why in split.skipped[:MAX_LISTED]],
+        "truncation": {"prompt": int((p.prompt_length < p.raw_lengths["prompt"]).sum()),
+                       "completion": int(sum((p.completion_length[w] < p.raw_lengths[w]).sum()
+                                             for w in ("chosen", "rejected"))),
+                       "max_length": int(sum(v.sum() for v in p.truncated_at_max_length.values()))},
+        "bos_per_sequence": {str(k): int((bos_counts == k).sum()) for k in np.unique(bos_counts)}
+        if bos is not None else None,
+        "length_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+        "buckets": _bucket_padding(batches),
+    }
+
+
+def _dropped_rows(split: Split, pairs: Pairs) -> list[int]:
+    all_rows = np.asarray(split.dataset["__row__"])
+    return np.setdiff1d(all_rows, pairs.rows).tolist()
+
+
+def _bucket_padding(batches: BatchIterator) -> list[dict]:
+    """Per bucket: batches in the first epoch and the fraction of their token slots that are padding."""
+    p, out = batches.pairs, []
+    order = batches.order(0).reshape(batches.steps_per_epoch, batches.batch_size)
+    real = np.where(order >= 0, p.length["chosen"][np.maximum(order, 0)] + p.length["rejected"][np.maximum(order, 0)], 0)
+    bucket = np.array([batches.bucket_for(int(n)) for n in batches.batch_lengths(0)])
+    for b in batches.buckets:
+        sel = bucket == b
+        slots = int(sel.sum()) * batches.batch_size * 2 * b
+        out.append({"length": b, "batches": int(sel.sum()),
+                    "padding": round(1 - int(real[sel].sum()) / slots, 4) if slots else 0.0})
+    return out
+
+
+def check(report: dict, fail_on: tuple[str, ...]) -> None:
+    """Stop when a count named in fail_on is above zero."""
+    unknown = [c for c in fail_on if c not in AUDIT_CHECKS]
+    if unknown:
+        raise UserError(f"audit_fail_on: unknown check {', '.join(unknown)}; the checks are {', '.join(AUDIT_CHECKS)}")
+    failed = [c for c in fail_on if report["counts"][c]]
+    if failed:
+        details = "; ".join(f"{c}: {report['counts'][c]} (rows {', '.join(map(str, report['first_rows'][c]))}"
+                            f"{', ...' if report['counts'][c] > MAX_LISTED else ''})" for c in failed)
+        raise UserError(f"{report['source']}: the data audit found {details}, and audit_fail_on includes "
+                        f"{', '.join(failed)}. Fix the data, or remove the check from audit_fail_on.")
+
+
+def format_table(report: dict) -> str:
+    """The audit as a short table for the terminal."""
+    c = report["counts"]
+    lines = [f"data audit: {report['source']} ({report['format']}"
+             f"{', implicit prompt' if report['implicit_prompt'] else ''})",
+             f"  records read        {report['records_read']:>8}",
+             f"  pairs kept          {report['pairs_kept']:>8}"]
+    names = {"skipped": "skipped (bad rows)", "dropped": "dropped (prompt >= max_length)",
+             "truncated": "truncated pairs", "identical": "chosen == rejected", "duplicates": "duplicate pairs",
+             "boundary_merges": "prompt/completion merges", "doubled_bos": "doubled BOS removed",
+             "missing_eos": "completions without EOS"}
+    for k, label in names.items():
+        rows = report["first_rows"].get(k)
+        lines.append(f"  {label:<30}{c[k]:>8}" + (f"   rows {', '.join(map(str, rows))}" if rows else ""))
+    if report["bos_per_sequence"] is not None:
+        lines.append("  BOS per sequence    " + ", ".join(f"{k}: {v}" for k, v in report["bos_per_sequence"].items()))
+    h = report["length_histogram"]
+    lines.append("  lengths (tokens)    " + ", ".join(f"{a}-{b}: {n}" for a, b, n in
+                                                       zip(h["edges"], h["edges"][1:], h["counts"])))
+    lines.append("  buckets             " + ", ".join(f"{b['length']}: {b['batches']} batches, "
+                                                       f"{b['padding']:.0%} padding" for b in report["buckets"]))
+    return "\n".join(lines)
+
+
+def write(reports: dict[str, dict], output_dir: str) -> str:
+    """Write the audits of all splits to output_dir/data_audit.json atomically; returns the path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, AUDIT_FILE)
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".data_audit.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(reports, f, indent=1)
+    os.replace(tmp, path)
+    return path

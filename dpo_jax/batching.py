@@ -1,0 +1,250 @@
+"""Host-side batches for a jitted step: truncate, mask the prompt, pad to a length bucket, in a resumable order.
+
+A batch is a dict of numpy arrays; the pair axis keeps chosen (0) and rejected (1) of a pair together:
+
+    input_ids, attention_mask, completion_mask, position_ids   int32 [B, 2, T]
+    pair_mask                                                  int32 [B]     1 for a real pair, 0 for filler
+    index                                                      int32 [B]     the pair's index in `Pairs`, -1 filler
+
+`completion_mask` marks the completion tokens (EOS included) in `input_ids`, as TRL's collator; the log-prob
+of token t comes from the logits at t - 1. T is one of a few bucket lengths fixed for the run, so the step
+compiles once per bucket. The last batch of an epoch is filled up with filler pairs rather than dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+from .config import DataConfig
+from .data import load_split, validate
+from .errors import UserError
+from .preprocess import tokenize
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass(frozen=True)
+class Truncation:
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    truncation_mode: str = "keep_start"
+
+    def __post_init__(self):
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise UserError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, "
+                            f"not {self.truncation_mode!r}")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be a positive number of tokens, not {value}")
+
+
+class Pairs:
+    """Tokenized pairs in host memory (ragged: flat token arrays plus offsets) and their lengths after truncation.
+
+    Pairs whose prompt alone reaches max_length are dropped under keep_start, as TRL: nothing of their
+    completions would be left to learn from."""
+
+    def __init__(self, tokenized: datasets.Dataset, truncation: Truncation, bos_token_id: int | None):
+        self.truncation, self.bos = truncation, bos_token_id
+        table = tokenized.with_format("arrow")[:]
+        self.tokens = {k: _ragged(table.column(f"{k}_ids")) for k in ("prompt", "chosen", "rejected")}
+        raw = {k: np.diff(offsets) for k, (_, offsets) in self.tokens.items()}
+        t = truncation
+        prompt = np.minimum(raw["prompt"], t.max_prompt_length or np.iinfo(np.int64).max)
+        keep = np.ones(len(prompt), bool)
+        if t.max_length is not None and t.truncation_mode == "keep_start":
+            keep = prompt < t.max_length
+        self.dropped_prompt_too_long = int((~keep).sum())
+        self.keep = np.flatnonzero(keep)  # indices into the tokenized dataset
+        self.rows = table.column("__row__").to_numpy()[self.keep]
+        self.flags = {c: table.column(c).to_numpy(zero_copy_only=False)[self.keep]
+                      for c in ("boundary_merged", "bos_fixed", "identical")}
+        self.pair_key = np.asarray(table.column("pair_key").to_pylist(), dtype=object)[self.keep]
+        self.raw_lengths = {k: v[self.keep] for k, v in raw.items()}
+        self.prompt_length = prompt[self.keep]
+        cap = t.max_completion_length or np.iinfo(np.int64).max
+        self.completion_length = {k: np.minimum(self.raw_lengths[k], cap) for k in ("chosen", "rejected")}
+        full = {k: self.prompt_length + v for k, v in self.completion_length.items()}
+        self.length = {k: np.minimum(v, t.max_length or np.iinfo(np.int64).max) for k, v in full.items()}
+        self.truncated_at_max_length = {k: full[k] > self.length[k] for k in full}
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    @property
+    def pair_length(self) -> np.ndarray:
+        """The longer of chosen and rejected, per pair: the length the pair needs in a batch."""
+        return np.maximum(self.length["chosen"], self.length["rejected"])
+
+    def sequence(self, i: int, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and completion mask of pair i's chosen or rejected sequence, truncated."""
+        t, j = self.truncation, self.keep[i]
+        prompt = _span(self.tokens["prompt"], j)
+        if len(prompt) > self.prompt_length[i]:  # max_prompt_length: keep the end, and BOS if there was one
+            k = int(self.prompt_length[i])
+            keep_bos = self.bos is not None and prompt[0] == self.bos and k > 1
+            prompt = np.concatenate([prompt[:1], prompt[len(prompt) - k + 1:]]) if keep_bos else prompt[-k:]
+        completion = _span(self.tokens[which], j)[:self.completion_length[which][i]]
+        ids = np.concatenate([prompt, completion])
+        mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(completion), np.int32)])
+        if t.max_length is not None and len(ids) > t.max_length:
+            cut = slice(None, t.max_length) if t.truncation_mode == "keep_start" else slice(-t.max_length, None)
+            ids, mask = ids[cut], mask[cut]
+        return ids, mask
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the pairs' tokens and truncation: a data position only makes sense for the same data."""
+        h = hashlib.blake2b(digest_size=8)
+        for values, offsets in self.tokens.values():
+            h.update(values.tobytes())
+            h.update(offsets.tobytes())
+        h.update(self.keep.tobytes())
+        h.update(repr(self.truncation).encode())
+        return h.hexdigest()
+
+
+def _ragged(column) -> tuple[np.ndarray, np.ndarray]:
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    return array.values.to_numpy().astype(np.int32), offsets
+
+
+def _span(ragged, i: int) -> np.ndarray:
+    values, offsets = ragged
+    return values[offsets[i]:offsets[i + 1]]
+
+
+def choose_buckets(lengths: np.ndarray, count: int, multiple: int, max_length: int | None) -> tuple[int, ...]:
+    """At most `count` bucket lengths that minimise the padding of batches whose longest rows are `lengths`.
+
+    Candidate lengths are multiples of `multiple` (capped at max_length); the longest bucket fits every batch.
+    Exact dynamic programme over the distinct rounded lengths: O(count * n^2) for n distinct values."""
+    if count < 1 or multiple < 1:
+        raise UserError(f"num_length_buckets and pad_to_multiple_of must be at least 1, not {count} and {multiple}")
+    rounded = -(-np.asarray(lengths, np.int64) // multiple) * multiple
+    if max_length is not None:
+        rounded = np.minimum(rounded, max_length)
+    values, counts = np.unique(rounded, return_counts=True)
+    n = len(values)
+    # cost[a][b]: padding when values[a..b] all go to bucket values[b]
+    weighted = np.concatenate([[0], np.cumsum(values * counts)])
+    total = np.concatenate([[0], np.cumsum(counts)])
+
+    def cost(a: int, b: int) -> int:
+        return int(values[b] * (total[b + 1] - total[a]) - (weighted[b + 1] - weighted[a]))
+
+    best = [cost(0, b) for b in range(n)]  # one bucket ending at b
+    choice = [[b] for b in range(n)]
+    for _ in range(1, min(count, n)):
+        new_best, new_choice = list(best), [list(c) for c in choice]
+        for b in range(n):
+            for a in range(b):
+                c = best[a] + cost(a + 1, b)
+                if c < new_best[b]:
+                    new_best[b], new_choice[b] = c, choice[a] + [b]
+        best, choice = new_best, new_choice
+    return tuple(int(values[i]) for i in choice[n - 1])
+
+
+class BatchIterator:
+    """Batches of `global_batch_size` pairs in a seeded order, epoch after epoch; this process's rows only.
+
+    With P processes, process p builds rows [p * B/P, (p + 1) * B/P) of every global batch; the bucket is chosen
+    from the whole global batch, so every process pads to the same length. The position is (epoch, step):
+    `state_dict()` saves it and `load_state_dict()` restores it, so a resumed run sees the same batches."""
+
+    def __init__(self, pairs: Pairs, *, global_batch_size: int, pad_token_id: int, seed: int = 42,
+                 shuffle: bool = True, buckets: tuple[int, ...] | None = None, num_buckets: int = 4,
+                 multiple: int = 16, process_index: int = 0, process_count: int = 1):
+        if global_batch_size % process_count:
+            raise UserError(f"the global batch of {global_batch_size} pairs does not divide over {process_count} "
+                            f"processes; choose a batch size that is a multiple of {process_count}")
+        if len(pairs) == 0:
+            raise UserError("no preference pairs are left to batch (see the data audit for why they were dropped)")
+        self.pairs, self.batch_size, self.pad = pairs, global_batch_size, pad_token_id
+        self.seed, self.shuffle, self._orders = seed, shuffle, {}
+        self.local = slice(process_index * global_batch_size // process_count,
+                           (process_index + 1) * global_batch_size // process_count)
+        self.steps_per_epoch = -(-len(pairs) // global_batch_size)
+        self.buckets = tuple(sorted(buckets or choose_buckets(
+            self.batch_lengths(0), num_buckets, multiple, pairs.truncation.max_length)))
+        if self.buckets[-1] < pairs.pair_length.max():
+            raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "
+                            f"({pairs.pair_length.max()} tokens); give buckets up to max_length")
+        self.epoch, self.step = 0, 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Pair indices of one epoch, padded with -1 (filler) to a whole number of batches."""
+        if epoch in self._orders:
+            return self._orders[epoch]
+        n = len(self.pairs)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self._orders = {epoch: np.concatenate([order, np.full(self.steps_per_epoch * self.batch_size - n, -1)])}
+        return self._orders[epoch]
+
+    def batch_lengths(self, epoch: int) -> np.ndarray:
+        """The longest pair of every global batch of an epoch."""
+        order = self.order(epoch).reshape(self.steps_per_epoch, self.batch_size)
+        lengths = np.where(order >= 0, self.pairs.pair_length[np.maximum(order, 0)], 0)
+        return lengths.max(axis=1)
+
+    def bucket_for(self, length: int) -> int:
+        return next(b for b in self.buckets if b >= length)
+
+    def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        """This process's part of global batch `step` of `epoch`."""
+        indices = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+        length = self.bucket_for(int(self.pairs.pair_length[indices[indices >= 0]].max()))
+        local = indices[self.local]
+        shape = (len(local), 2, length)
+        out = {"input_ids": np.full(shape, self.pad, np.int32), "attention_mask": np.zeros(shape, np.int32),
+               "completion_mask": np.zeros(shape, np.int32), "pair_mask": (local >= 0).astype(np.int32),
+               "index": local.astype(np.int32)}
+        for r, i in enumerate(local):
+            if i < 0:
+                continue
+            for s, which in enumerate(("chosen", "rejected")):
+                ids, mask = self.pairs.sequence(int(i), which)
+                out["input_ids"][r, s, :len(ids)] = ids
+                out["attention_mask"][r, s, :len(ids)] = 1
+                out["completion_mask"][r, s, :len(ids)] = mask
+        out["position_ids"] = np.maximum(np.cumsum(out["attention_mask"], axis=-1) - 1, 0).astype(np.int32)
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch(self.epoch, self.step)
+        self.step += 1
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "buckets": list(self.buckets), "fingerprint": self.pairs.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = [k for k in ("seed", "batch_size", "buckets", "fingerprint") if state[k] != mine[k]]
+        if changed:
+            raise UserError(f"the saved data position does not fit this run: {', '.join(changed)} changed since it "
+                            f"was saved. Resume with the same data, tokenizer, truncation, batch size and seed.")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def load_pairs(cfg: DataConfig, split: str, tokenizer):
+    """Load, validate and tokenize one split: (Pairs, data.Split)."""
+    truncation = Truncation(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length, cfg.truncation_mode)
+    rows = load_split(cfg.dataset_name, split, config_name=cfg.dataset_config, on_bad_row=cfg.on_bad_row)
+    rows = validate(rows, fmt=cfg.data_format, on_bad_row=cfg.on_bad_row)
+    return Pairs(tokenize(rows, tokenizer, num_proc=cfg.dataset_num_proc), truncation, tokenizer.bos_token_id), rows

@@ -6,6 +6,7 @@ Errors a user can fix exit with status 2 and a one-paragraph message; `--debug` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -41,6 +42,73 @@ def _demo(args) -> None:
     print("(DPO training is not built yet: this demo only loads the model and answers greedily.)")
 
 
+def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
+    """One --option per dataclass field, named as the field (TRL's names), typed from its annotation."""
+    for f in dataclasses.fields(config_class):
+        kind = str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if kind == "bool":
+            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}")
+        elif kind.startswith("tuple"):
+            parser.add_argument(f"--{f.name}", type=_parse_list, default=default, metavar="A,B")
+        else:
+            convert = int if kind.startswith("int") else str
+            parser.add_argument(f"--{f.name}", type=_optional(convert) if "None" in kind else convert,
+                                default=default)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _optional(convert):
+    def parse(text: str):
+        return None if text.lower() == "none" else convert(text)
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _audit(args) -> None:
+    from . import audit, load_tokenizer
+    from .batching import BatchIterator, load_pairs
+    from .config import DataConfig
+    from .data import MissingSplit
+
+    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)})
+    tokenizer = load_tokenizer(args.model_name_or_path or smollm2_path())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reports, buckets = {}, None
+    for name, split in (("train", cfg.dataset_train_split), ("test", cfg.dataset_test_split)):
+        if split is None:
+            continue
+        try:
+            pairs, rows = load_pairs(cfg, split, tokenizer)
+        except MissingSplit:
+            if name == "test" and split == DataConfig.dataset_test_split:
+                print(f"no '{split}' split in {cfg.dataset_name}: no held-out audit "
+                      f"(give --dataset_test_split, e.g. \"train[90%:]\")")
+                continue
+            raise
+        batches = BatchIterator(pairs, global_batch_size=args.per_device_train_batch_size, pad_token_id=pad,
+                                seed=cfg.seed, shuffle=cfg.shuffle, num_buckets=cfg.num_length_buckets,
+                                multiple=cfg.pad_to_multiple_of, buckets=buckets)
+        buckets = buckets or batches.buckets
+        reports[name] = audit.audit(pairs, rows, batches, tokenizer)
+        print(audit.format_table(reports[name]))
+    for report in reports.values():
+        audit.check(report, cfg.audit_fail_on)
+    if args.output_dir:
+        print(f"wrote {audit.write(reports, args.output_dir)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -53,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="What is the capital of France?")
     demo.add_argument("--max_new_tokens", type=int, default=24)
     demo.set_defaults(run=_demo)
+
+    from .config import DataConfig
+
+    check = sub.add_parser("audit", help="load, validate and tokenize a preference dataset and print its data audit")
+    check.add_argument("--model_name_or_path", help="model or tokenizer directory, repo id or .gguf (default: SmolLM2)")
+    check.add_argument("--output_dir", help="also write data_audit.json here")
+    check.add_argument("--per_device_train_batch_size", type=int, default=8, help="pairs per batch for the buckets")
+    _add_config_options(check, DataConfig)
+    check.set_defaults(run=_audit)
     return parser
 
 

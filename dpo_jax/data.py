@@ -34,6 +34,10 @@ ROW = "__row__"
 MAX_LISTED = 5  # row numbers listed in a message
 
 
+class MissingSplit(UserError):
+    """The split asked for is not in the dataset (or the slice is malformed)."""
+
+
 @dataclass
 class Split:
     """The rows of one split, with where they came from and the rows skipped while reading them."""
@@ -131,7 +135,7 @@ def _select(splits: dict, spec: str, name: str, files: dict) -> Split:
     try:
         parts = datasets.ReadInstruction.from_spec(spec).to_absolute(sizes)
     except (ValueError, AssertionError, KeyError) as e:
-        raise UserError(f"split {spec!r} is not available in {name}: the splits are {', '.join(sizes) or 'none'} "
+        raise MissingSplit(f"split {spec!r} is not available in {name}: the splits are {', '.join(sizes) or 'none'} "
                         f"({_first_line(e)}). Slices look like train[:90%] or train[100:200].") from e
     pieces = []
     for p in parts:

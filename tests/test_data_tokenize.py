@@ -1,0 +1,176 @@
+"""Tokenized pairs equal what TRL's DPOTrainer (1.16) produces for the same rows, tokenizer and max_length.
+
+The oracle is TRL itself: a DPOTrainer is built around a tiny torch model, and its prepared train_dataset is
+run through its own DataCollatorForPreference one pair at a time. Our side goes through the whole pipeline:
+a JSONL file, `load_pairs`, and the padded batches of `BatchIterator`, unpadded with the attention mask.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from dpo_jax.batching import BatchIterator, load_pairs
+from dpo_jax.config import DataConfig
+from tiny_tokenizers import gpt2_style, llama3_style
+
+STANDARD = [
+    {"prompt": "What is the capital of France?", "chosen": " Paris.", "rejected": " Lyon."},
+    {"prompt": "Say hi.", "chosen": " Hi!<EOS>", "rejected": " No."},  # chosen already ends with EOS
+    {"prompt": "Hello wor", "chosen": "ld!", "rejected": "ld?"},  # tokens merge across the boundary
+    {"prompt": "The capital of France is ", "chosen": "Paris.", "rejected": "Lyon."},  # trailing space merges
+    {"prompt": "Qu'est-ce que c'est ? ☕ " * 3, "chosen": "Un café.", "rejected": "Un thé, merci beaucoup."},
+    {"prompt": "The quick brown fox jumps over the lazy dog. " * 4, "chosen": " Yes.", "rejected": " No."},
+    {"prompt": "Count.", "chosen": " one two three four five six seven eight nine ten eleven twelve",
+     "rejected": " one"},
+]
+IMPLICIT = [
+    {"chosen": "Q: What is 2+2? A: Four.", "rejected": "Q: What is 2+2? A: Nine."},
+    {"chosen": "Q: Capital of France? A: Paris.", "rejected": "Q: Capital of France? A: Lyon, I think."},
+    {"chosen": "The sky is blue.", "rejected": "The sky is green, obviously, and always has been."},
+]
+
+
+def _msg(role, content):
+    return {"role": role, "content": content}
+
+
+CONVERSATIONAL = [
+    {"prompt": [_msg("system", "Be brief."), _msg("user", "Capital of France?")],
+     "chosen": [_msg("assistant", "Paris.")], "rejected": [_msg("assistant", "Lyon, I believe.")]},
+    {"prompt": [_msg("user", "Hi"), _msg("assistant", "Hello! How can I help?"), _msg("user", "Say a number.")],
+     "chosen": [_msg("assistant", "Four.")], "rejected": [_msg("assistant", "I'd rather not say.")]},
+    {"prompt": [_msg("user", "The quick brown fox jumps over the lazy dog. " * 4)],
+     "chosen": [_msg("assistant", "Yes.")], "rejected": [_msg("assistant", "No.")]},
+]
+CONVERSATIONAL_IMPLICIT = [
+    {"chosen": [_msg("user", "What is 2+2?"), _msg("assistant", "Four.")],
+     "rejected": [_msg("user", "What is 2+2?"), _msg("assistant", "Five, probably.")]},
+    {"chosen": [_msg("system", "Be kind."), _msg("user", "Hello"), _msg("assistant", "Hi there!")],
+     "rejected": [_msg("system", "Be kind."), _msg("user", "Hello"), _msg("assistant", "Go away.")]},
+]
+CASES = {"standard": STANDARD, "implicit": IMPLICIT, "conversational": CONVERSATIONAL,
+         "conversational_implicit": CONVERSATIONAL_IMPLICIT}
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from dpo_jax import load_tokenizer
+    from dpo_jax.cli import smollm2_path
+
+    return load_tokenizer(smollm2_path())
+
+
+TOKENIZERS = {"gpt2_style": gpt2_style, "llama3_style": llama3_style}
+
+
+def _tokenizer(name, request):
+    return request.getfixturevalue("smollm2_tokenizer") if name == "smollm2" else TOKENIZERS[name]()
+
+
+def _rows(case, tokenizer):
+    return [{k: (v.replace("<EOS>", tokenizer.eos_token) if isinstance(v, str) else v) for k, v in r.items()}
+            for r in CASES[case]]
+
+
+def trl_sequences(rows, tokenizer, max_length, tmp_path):
+    """[(chosen ids, chosen completion mask, rejected ids, rejected mask)] from TRL's DPOTrainer and collator."""
+    import transformers
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), max_length=max_length, report_to=[], bf16=False,
+                     use_cpu=True)
+    trainer = DPOTrainer(model=transformers.LlamaForCausalLM(config), ref_model=transformers.LlamaForCausalLM(config),
+                         args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    out = []
+    for example in trainer.train_dataset:
+        batch = trainer.data_collator([example])
+        seqs = []
+        for r in range(2):
+            real = batch["attention_mask"][r].bool()
+            seqs += [batch["input_ids"][r][real].tolist(), batch["completion_mask"][r][real].tolist()]
+        out.append(tuple(seqs))
+    return out
+
+
+def our_sequences(rows, tokenizer, max_length, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, _ = load_pairs(DataConfig(dataset_name=str(path), max_length=max_length), "train", tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = BatchIterator(pairs, global_batch_size=2, pad_token_id=pad, shuffle=False)
+    out = []
+    for _ in range(batches.steps_per_epoch):
+        batch = next(batches)
+        for b in np.flatnonzero(batch["pair_mask"]):
+            seqs = []
+            for s in range(2):
+                real = batch["attention_mask"][b, s] == 1
+                assert real[:real.sum()].all(), "padding is on the right"
+                seqs += [batch["input_ids"][b, s][real].tolist(), batch["completion_mask"][b, s][real].tolist()]
+            out.append(tuple(seqs))
+    return out, pairs
+
+
+# GPT-2 has no chat template, so only the string formats (its refusal of conversations: test_data_errors.py)
+COMBINATIONS = [(t, c) for t in ("gpt2_style", "llama3_style", "smollm2") for c in CASES
+                if not (t == "gpt2_style" and c.startswith("conversational"))]
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["max_length=1024", "short_max_length"])
+@pytest.mark.parametrize("tokenizer_name,case", COMBINATIONS)
+def test_tokens_and_masks_match_trl(tokenizer_name, case, short, request, tmp_path):
+    tokenizer = _tokenizer(tokenizer_name, request)
+    rows = _rows(case, tokenizer)
+    max_length = 1024
+    if short:  # two tokens past the second-longest prompt: the longest prompt is dropped, longer pairs truncated
+        _, pairs = our_sequences(rows, tokenizer, max_length, tmp_path)
+        max_length = int(np.sort(pairs.prompt_length)[-2]) + 2
+    ours, pairs = our_sequences(rows, tokenizer, max_length, tmp_path)
+    theirs = trl_sequences(rows, tokenizer, max_length, tmp_path)
+    assert ours == theirs
+    assert len(ours) == len(rows) - pairs.dropped_prompt_too_long
+    if short:  # the short max_length must really truncate (and drop, unless the longest prompts tie)
+        assert any(v.any() for v in pairs.truncated_at_max_length.values())
+
+
+def test_completion_mask_covers_completion_and_eos_exactly():
+    """A case written out by hand from the tokenizer's pieces: BOS + prompt | completion + EOS."""
+    tokenizer = llama3_style()
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt, chosen, rejected = "What is the capital of France?", " Paris.", " Lyon."
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    expected = {"chosen": [bos] + encode(prompt) + encode(chosen) + [eos],
+                "rejected": [bos] + encode(prompt) + encode(rejected) + [eos]}
+    n_prompt = 1 + len(encode(prompt))
+    from datasets import Dataset
+    from dpo_jax.batching import Pairs, Truncation
+    from dpo_jax.data import Split, validate
+    from dpo_jax.preprocess import tokenize
+
+    split = validate(Split(Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                                "__row__": 1}]), source="hand"))
+    pairs = Pairs(tokenize(split, tokenizer), Truncation(), bos)
+    for which in ("chosen", "rejected"):
+        ids, mask = pairs.sequence(0, which)
+        assert ids.tolist() == expected[which]
+        assert mask.tolist() == [0] * n_prompt + [1] * (len(expected[which]) - n_prompt)
+
+
+def test_bos_in_prompt_text_is_not_doubled():
+    """Our one deliberate difference from TRL: a prompt that already starts with the BOS string."""
+    tokenizer = llama3_style()
+    from datasets import Dataset
+    from dpo_jax.batching import Pairs, Truncation
+    from dpo_jax.data import Split, validate
+    from dpo_jax.preprocess import tokenize
+
+    split = validate(Split(Dataset.from_list([{"prompt": "<|begin_of_text|>Hi", "chosen": " there",
+                                                "rejected": " you", "__row__": 1}]), source="hand"))
+    pairs = Pairs(tokenize(split, tokenizer), Truncation(), tokenizer.bos_token_id)
+    ids, _ = pairs.sequence(0, "chosen")
+    assert (ids == tokenizer.bos_token_id).sum() == 1 and ids[0] == tokenizer.bos_token_id
+    assert pairs.flags["bos_fixed"].tolist() == [1]

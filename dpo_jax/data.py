@@ -11,9 +11,11 @@ source, so that every message about a bad row can name the file, the row and the
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +78,7 @@ def load_split(name: str, split: str, *, config_name: str | None = None, on_bad_
         builder_args = dict(path=builder_name, data_files=files)
     elif path.is_dir():
         builder_args, files = dict(path=str(path)), None
-    elif os.sep in name or path.suffix.lower() in FILE_BUILDERS:
+    elif name.startswith((os.sep, ".", "~")) or path.suffix.lower() in FILE_BUILDERS:
         raise UserError(f"dataset {name!r} does not exist: no such file or directory.")
     else:
         builder_args, files = dict(path=name), None
@@ -91,17 +93,22 @@ def _read_with_builder(builder_args, config_name, split, name, files, on_bad_row
                         f"Face hub ({type(e).__name__}: {_first_line(e)}). Give a path to a JSON/JSONL/CSV/"
                         f"Parquet/Arrow file or a directory, or check the dataset name and your connection.") from e
     files = files or {str(k): [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
+    local = [f for fs in files.values() for f in fs if Path(f).is_file()]
     try:
-        builder.download_and_prepare()
+        for f in local:  # pyarrow accepts some invalid UTF-8 and fails later, on first access: check up front
+            if Path(f).suffix.lower() in (".json", ".jsonl", ".csv"):
+                Path(f).read_bytes().decode("utf-8")
+        with _quiet("datasets"):
+            builder.download_and_prepare()
         splits = {s: builder.as_dataset(split=s) for s in builder.info.splits or files}
     except Exception as e:
-        problems = {f: _diagnose(f) for fs in files.values() for f in fs if Path(f).exists()}
+        problems = {f: _diagnose(f) for f in local}
         bad = {f: p for f, p in problems.items() if p[1] or p[2]}
         only = next(iter(bad)) if len(bad) == 1 and all(len(v) == 1 for v in files.values()) else None
         if only and on_bad_row == "skip" and problems[only][0] is not None:
             return _lenient(only, split, files, problems[only])
-        for f, (_, bad_rows, fatal) in bad.items():
-            raise UserError(_bad_rows_message(f, bad_rows, fatal, lenient_ok=problems[f][0] is not None)) from e
+        for f, (records, bad_rows, fatal) in bad.items():
+            raise UserError(_bad_rows_message(f, bad_rows, fatal, lenient_ok=records is not None)) from e
         raise UserError(f"could not read dataset {name!r}: {type(e).__name__}: {_first_line(e)}") from e
     return _select(splits, split, name, files)
 
@@ -109,11 +116,6 @@ def _read_with_builder(builder_args, config_name, split, name, files, on_bad_row
 def _lenient(path: str, split: str, files: dict, problem) -> Split:
     """A JSON Lines file with bad lines, read line by line, keeping the valid records (on_bad_row=skip)."""
     records, bad_rows, _ = problem
-    fmt = "conversational" if records and isinstance(records[0][1].get("chosen"), list) else "standard"
-    checked = [(row, r, next((p for f in FIELDS if f in r and (p := _check(f, r[f], fmt))), None))
-               for row, r in records]
-    records = [(row, r) for row, r, p in checked if p is None]
-    bad_rows = sorted(bad_rows + [(row, p) for row, _, p in checked if p is not None])
     keep = [{k: r[k] for k in FIELDS if k in r} | {ROW: row} for row, r in records]
     split_name = next(s for s, fs in files.items() if path in fs)
     result = _select({split_name: datasets.Dataset.from_list(keep)}, split, path, {split_name: [path]})
@@ -193,8 +195,14 @@ def validate(split: Split, *, fmt: str = "auto", on_bad_row: str = "error") -> S
 
 
 def _detect_format(ds: datasets.Dataset, column: str = "chosen") -> str:
+    """From the column's type; for a column of mixed types (datasets' Json), from its first value, as TRL."""
     feature = ds.features[column]
-    return "standard" if isinstance(feature, datasets.Value) else "conversational"
+    if isinstance(feature, datasets.Value):
+        return "standard"
+    if isinstance(feature, (datasets.List, datasets.LargeList)) or isinstance(feature, list):
+        return "conversational"
+    first = next((v for v in ds.select(range(min(len(ds), 1000)))[column] if v is not None), None)
+    return "conversational" if isinstance(first, list) else "standard"
 
 
 def _check(name: str, value, fmt: str) -> str | None:
@@ -295,7 +303,12 @@ def _diagnose(path: str):
             bad.append((row, f"a JSON {type(obj).__name__}, expected an object with prompt/chosen/rejected"))
             continue
         records.append((row, obj))
-    return records, bad, None
+    # Field problems too, so that one message (or one skip) covers every bad row of the file.
+    fmt = "conversational" if records and isinstance(records[0][1].get("chosen"), list) else "standard"
+    checked = [(row, r, next((p for f in FIELDS if f in r and (p := _check(f, r[f], fmt))), None))
+               for row, r in records]
+    bad = sorted(bad + [(row, p) for row, _, p in checked if p is not None])
+    return [(row, r) for row, r, p in checked if p is None], bad, None
 
 
 def _csv_problem(text: str):
@@ -328,6 +341,18 @@ def _jsonl_line(path: str, row: int) -> int | None:
             if seen == row:
                 return number
     return None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a library's own error log while we turn its exception into a clear message."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(e: Exception) -> str:

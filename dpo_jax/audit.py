@@ -102,21 +102,21 @@ def format_table(report: dict) -> str:
     c = report["counts"]
     lines = [f"data audit: {report['source']} ({report['format']}"
              f"{', implicit prompt' if report['implicit_prompt'] else ''})",
-             f"  records read        {report['records_read']:>8}",
-             f"  pairs kept          {report['pairs_kept']:>8}"]
+             f"  {'records read':<32}{report['records_read']:>8}",
+             f"  {'pairs kept':<32}{report['pairs_kept']:>8}"]
     names = {"skipped": "skipped (bad rows)", "dropped": "dropped (prompt >= max_length)",
              "truncated": "truncated pairs", "identical": "chosen == rejected", "duplicates": "duplicate pairs",
              "boundary_merges": "prompt/completion merges", "doubled_bos": "doubled BOS removed",
              "missing_eos": "completions without EOS"}
     for k, label in names.items():
         rows = report["first_rows"].get(k)
-        lines.append(f"  {label:<30}{c[k]:>8}" + (f"   rows {', '.join(map(str, rows))}" if rows else ""))
+        lines.append(f"  {label:<32}{c[k]:>8}" + (f"   rows {', '.join(map(str, rows))}" if rows else ""))
     if report["bos_per_sequence"] is not None:
-        lines.append("  BOS per sequence    " + ", ".join(f"{k}: {v}" for k, v in report["bos_per_sequence"].items()))
+        lines.append(f"  {'BOS tokens per sequence':<32}" + ", ".join(f"{k}: {v}" for k, v in report["bos_per_sequence"].items()))
     h = report["length_histogram"]
-    lines.append("  lengths (tokens)    " + ", ".join(f"{a}-{b}: {n}" for a, b, n in
+    lines.append(f"  {'sequence lengths (tokens)':<32}" + ", ".join(f"{a}-{b}: {n}" for a, b, n in
                                                        zip(h["edges"], h["edges"][1:], h["counts"])))
-    lines.append("  buckets             " + ", ".join(f"{b['length']}: {b['batches']} batches, "
+    lines.append(f"  {'buckets (first epoch)':<32}" + ", ".join(f"{b['length']}: {b['batches']} batches, "
                                                        f"{b['padding']:.0%} padding" for b in report["buckets"]))
     return "\n".join(lines)
 

@@ -118,6 +118,14 @@ def format_table(report: dict) -> str:
                                                        zip(h["edges"], h["edges"][1:], h["counts"])))
     lines.append(f"  {'buckets (first epoch)':<32}" + ", ".join(f"{b['length']}: {b['batches']} batches, "
                                                        f"{b['padding']:.0%} padding" for b in report["buckets"]))
+    if c["boundary_merges"]:
+        lines.append(f"  warning: in {c['boundary_merges']} pairs the tokenized prompt is not a prefix of the tokenized "
+                     f"prompt + completion (tokens merge across the boundary, or the chat template renders the prompt "
+                     f"differently); as TRL, the completion starts where they diverge. End prompts on a token "
+                     f"boundary, for instance with a newline, to train on the exact prompt.")
+    if c["doubled_bos"]:
+        lines.append(f"  warning: {c['doubled_bos']} prompts already began with the BOS token's text and the tokenizer "
+                     f"added another; the extra BOS was removed (TRL would keep both).")
     return "\n".join(lines)
 
 

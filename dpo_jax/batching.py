@@ -63,7 +63,8 @@ class Pairs:
             keep = prompt < t.max_length
         self.dropped_prompt_too_long = int((~keep).sum())
         self.keep = np.flatnonzero(keep)  # indices into the tokenized dataset
-        self.rows = table.column("__row__").to_numpy()[self.keep]
+        self.all_rows = table.column("__row__").to_numpy()
+        self.rows = self.all_rows[self.keep]  # row numbers in the source of the kept pairs
         self.flags = {c: table.column(c).to_numpy(zero_copy_only=False)[self.keep]
                       for c in ("boundary_merged", "bos_fixed", "identical")}
         self.pair_key = np.asarray(table.column("pair_key").to_pylist(), dtype=object)[self.keep]
@@ -98,6 +99,17 @@ class Pairs:
             cut = slice(None, t.max_length) if t.truncation_mode == "keep_start" else slice(-t.max_length, None)
             ids, mask = ids[cut], mask[cut]
         return ids, mask
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse token ids the model has no embedding for (a jitted model would silently clip them)."""
+        for name, (values, offsets) in self.tokens.items():
+            bad = np.flatnonzero(values >= vocab_size)
+            if len(bad):
+                pair = np.searchsorted(offsets, bad[0], side="right") - 1
+                row = self.all_rows[pair]
+                raise UserError(f"row {row}: the {name} has token id {values[bad[0]]}, but the model's vocabulary "
+                                f"has {vocab_size} entries. The tokenizer does not belong to this model (or "
+                                f"added tokens the model was not resized for); use the model's own tokenizer.")
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -167,6 +179,8 @@ class BatchIterator:
         if global_batch_size % process_count:
             raise UserError(f"the global batch of {global_batch_size} pairs does not divide over {process_count} "
                             f"processes; choose a batch size that is a multiple of {process_count}")
+        if pad_token_id is None:
+            raise UserError("the tokenizer has neither a pad token nor an EOS token to pad with; set tokenizer.pad_token")
         if len(pairs) == 0:
             raise UserError("no preference pairs are left to batch (see the data audit for why they were dropped)")
         self.pairs, self.batch_size, self.pad = pairs, global_batch_size, pad_token_id

@@ -189,3 +189,10 @@ def test_process_slices_are_disjoint_and_complete(processes):
 def test_batch_must_divide_over_processes():
     with pytest.raises(UserError, match="multiple of 3"):
         BatchIterator(random_pairs(8), global_batch_size=8, pad_token_id=PAD, process_index=0, process_count=3)
+
+
+def test_token_ids_outside_the_vocabulary_name_the_row():
+    pairs = make_pairs([(PROMPT, CHOSEN, REJECTED), (PROMPT, CHOSEN, [30, 99, EOS])])
+    pairs.check_vocab(100)
+    with pytest.raises(UserError, match="row 2: the rejected has token id 99, but the model's vocabulary has 99"):
+        pairs.check_vocab(99)

@@ -21,12 +21,16 @@ AUDIT_FILE = "data_audit.json"
 
 
 def audit(pairs: Pairs, split: Split, batches: BatchIterator, tokenizer) -> dict:
-    """Counts and row numbers of everything worth knowing about one split before training on it."""
-    p, rows = pairs, pairs.rows
-    seqs = [(i, w, *p.sequence(i, w)) for i in range(len(p)) for w in ("chosen", "rejected")]
+    """Counts and first row numbers of everything worth knowing about one split before training on it."""
+    p = pairs
+    seqs = [(i, *p.sequence(i, w)) for i in range(len(p)) for w in ("chosen", "rejected")]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    bos_counts = np.array([int((ids == bos).sum()) if bos is not None else 0 for _, _, ids, _ in seqs])
-    no_eos = sorted({int(rows[i]) for i, _, ids, m in seqs if eos is not None and not (ids[m == 1] == eos).any()})
+    # BOS tokens in the prompt part only: with bos == eos (GPT-2) a completion's EOS is not a BOS.
+    bos_counts = np.array([int((ids[m == 0] == bos).sum()) for _, ids, m in seqs]) if bos is not None else None
+    no_eos = np.zeros(len(p), bool)
+    if eos is not None:
+        for i, ids, m in seqs:
+            no_eos[i] |= not (ids[m == 1] == eos).any()
     _, first = np.unique(p.pair_key, return_index=True)
     duplicate = np.ones(len(p), bool)
     duplicate[first] = False
@@ -34,40 +38,39 @@ def audit(pairs: Pairs, split: Split, batches: BatchIterator, tokenizer) -> dict
         | p.truncated_at_max_length["rejected"]
     for w in ("chosen", "rejected"):
         truncated |= p.completion_length[w] < p.raw_lengths[w]
-    dropped_rows = _dropped_rows(split, pairs)
+    dropped = np.setdiff1d(np.arange(len(p.all_rows)), p.keep)
+
+    def labels(mask) -> list:
+        return [split.label(f, r) for f, r in zip(p.files[mask], p.rows[mask])]
+
     checks = {
-        "skipped": [r for r, _ in split.skipped],
-        "dropped": dropped_rows,
-        "truncated": rows[truncated].tolist(),
-        "identical": rows[p.flags["identical"]].tolist(),
-        "duplicates": rows[duplicate].tolist(),
-        "boundary_merges": rows[p.flags["boundary_merged"]].tolist(),
-        "doubled_bos": rows[p.flags["bos_fixed"] > 0].tolist(),
-        "missing_eos": no_eos,
+        "skipped": [split.label(f, r) for f, r, _ in split.skipped],
+        "dropped": [split.label(f, r) for f, r in zip(p.all_files[dropped], p.all_rows[dropped])],
+        "truncated": labels(truncated),
+        "identical": labels(p.flags["identical"]),
+        "duplicates": labels(duplicate),
+        "boundary_merges": labels(p.flags["boundary_merged"]),
+        "doubled_bos": labels(p.flags["bos_fixed"] > 0),
+        "missing_eos": labels(no_eos),
     }
-    lengths = np.array([len(ids) for _, _, ids, _ in seqs])
+    lengths = np.array([len(ids) for _, ids, _ in seqs])
     edges = np.unique(np.linspace(0, max(int(lengths.max()), 1), 9).round().astype(int))
     hist, _ = np.histogram(lengths, bins=edges)
     return {
-        "source": split.source, "format": split.fmt, "implicit_prompt": split.implicit_prompt,
+        "source": split.title, "format": split.fmt, "implicit_prompt": split.implicit_prompt,
         "records_read": split.read, "pairs_kept": len(p),
         "counts": {k: len(v) for k, v in checks.items()},
-        "first_rows": {k: [int(r) for r in v[:MAX_LISTED]] for k, v in checks.items() if v},
-        "skipped_reasons": [f"row {r}: {why}" for r, why in split.skipped[:MAX_LISTED]],
+        "first_rows": {k: v[:MAX_LISTED] for k, v in checks.items() if v},
+        "skipped_reasons": [f"{split.where(f, r)}: {why}" for f, r, why in split.skipped[:MAX_LISTED]],
         "truncation": {"prompt": int((p.prompt_length < p.raw_lengths["prompt"]).sum()),
                        "completion": int(sum((p.completion_length[w] < p.raw_lengths[w]).sum()
                                              for w in ("chosen", "rejected"))),
                        "max_length": int(sum(v.sum() for v in p.truncated_at_max_length.values()))},
-        "bos_per_sequence": {str(k): int((bos_counts == k).sum()) for k in np.unique(bos_counts)}
-        if bos is not None else None,
+        "bos_in_prompt": {str(k): int((bos_counts == k).sum()) for k in np.unique(bos_counts)}
+        if bos_counts is not None else None,
         "length_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
         "buckets": _bucket_padding(batches),
     }
-
-
-def _dropped_rows(split: Split, pairs: Pairs) -> list[int]:
-    all_rows = np.asarray(split.dataset["__row__"])
-    return np.setdiff1d(all_rows, pairs.rows).tolist()
 
 
 def _bucket_padding(batches: BatchIterator) -> list[dict]:
@@ -111,8 +114,9 @@ def format_table(report: dict) -> str:
     for k, label in names.items():
         rows = report["first_rows"].get(k)
         lines.append(f"  {label:<32}{c[k]:>8}" + (f"   rows {', '.join(map(str, rows))}" if rows else ""))
-    if report["bos_per_sequence"] is not None:
-        lines.append(f"  {'BOS tokens per sequence':<32}" + ", ".join(f"{k}: {v}" for k, v in report["bos_per_sequence"].items()))
+    if report["bos_in_prompt"] is not None:
+        lines.append(f"  {'BOS tokens per prompt':<32}" + ", ".join(
+            f"{k}: {v} sequences" for k, v in report["bos_in_prompt"].items()))
     h = report["length_histogram"]
     lines.append(f"  {'sequence lengths (tokens)':<32}" + ", ".join(f"{a}-{b}: {n}" for a, b, n in
                                                        zip(h["edges"], h["edges"][1:], h["counts"])))

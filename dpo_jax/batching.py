@@ -21,8 +21,9 @@ import datasets
 import numpy as np
 
 from .config import DataConfig
-from .data import load_split, validate
+from .data import load_split
 from .errors import UserError
+from .formats import validate
 from .preprocess import tokenize
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -51,8 +52,9 @@ class Pairs:
     Pairs whose prompt alone reaches max_length are dropped under keep_start, as TRL: nothing of their
     completions would be left to learn from."""
 
-    def __init__(self, tokenized: datasets.Dataset, truncation: Truncation, bos_token_id: int | None):
-        self.truncation, self.bos = truncation, bos_token_id
+    def __init__(self, tokenized: datasets.Dataset, truncation: Truncation, bos_token_id: int | None,
+                 sources: list[str] | None = None):
+        self.truncation, self.bos, self.sources = truncation, bos_token_id, sources
         table = tokenized.with_format("arrow")[:]
         self.tokens = {k: _ragged(table.column(f"{k}_ids")) for k in ("prompt", "chosen", "rejected")}
         raw = {k: np.diff(offsets) for k, (_, offsets) in self.tokens.items()}
@@ -63,8 +65,8 @@ class Pairs:
             keep = prompt < t.max_length
         self.dropped_prompt_too_long = int((~keep).sum())
         self.keep = np.flatnonzero(keep)  # indices into the tokenized dataset
-        self.all_rows = table.column("__row__").to_numpy()
-        self.rows = self.all_rows[self.keep]  # row numbers in the source of the kept pairs
+        self.all_rows, self.all_files = table.column("__row__").to_numpy(), table.column("__file__").to_numpy()
+        self.rows, self.files = self.all_rows[self.keep], self.all_files[self.keep]  # where the kept pairs came from
         self.flags = {c: table.column(c).to_numpy(zero_copy_only=False)[self.keep]
                       for c in ("boundary_merged", "bos_fixed", "identical")}
         self.pair_key = np.asarray(table.column("pair_key").to_pylist(), dtype=object)[self.keep]
@@ -106,8 +108,10 @@ class Pairs:
             bad = np.flatnonzero(values >= vocab_size)
             if len(bad):
                 pair = np.searchsorted(offsets, bad[0], side="right") - 1
-                row = self.all_rows[pair]
-                raise UserError(f"row {row}: the {name} has token id {values[bad[0]]}, but the model's vocabulary "
+                where = f"row {self.all_rows[pair]}"
+                if self.sources:
+                    where = f"{self.sources[self.all_files[pair]]}, {where}"
+                raise UserError(f"{where}: the {name} has token id {values[bad[0]]}, but the model's vocabulary "
                                 f"has {vocab_size} entries. The tokenizer does not belong to this model (or "
                                 f"added tokens the model was not resized for); use the model's own tokenizer.")
 
@@ -244,12 +248,16 @@ class BatchIterator:
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
-                "buckets": list(self.buckets), "fingerprint": self.pairs.fingerprint}
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "shuffle": self.shuffle,
+                "batch_size": self.batch_size, "buckets": list(self.buckets), "fingerprint": self.pairs.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        changed = [k for k in ("seed", "batch_size", "buckets", "fingerprint") if state[k] != mine[k]]
+        missing = [k for k in mine if k not in state]
+        if missing:
+            raise UserError(f"the saved data position lacks {', '.join(missing)}: it was not written by this "
+                            f"version of dpo-jax, or the checkpoint is damaged.")
+        changed = [k for k in ("seed", "shuffle", "batch_size", "buckets", "fingerprint") if state[k] != mine[k]]
         if changed:
             raise UserError(f"the saved data position does not fit this run: {', '.join(changed)} changed since it "
                             f"was saved. Resume with the same data, tokenizer, truncation, batch size and seed.")
@@ -261,4 +269,5 @@ def load_pairs(cfg: DataConfig, split: str, tokenizer):
     truncation = Truncation(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length, cfg.truncation_mode)
     rows = load_split(cfg.dataset_name, split, config_name=cfg.dataset_config, on_bad_row=cfg.on_bad_row)
     rows = validate(rows, fmt=cfg.data_format, on_bad_row=cfg.on_bad_row)
-    return Pairs(tokenize(rows, tokenizer, num_proc=cfg.dataset_num_proc), truncation, tokenizer.bos_token_id), rows
+    tokenized = tokenize(rows, tokenizer, num_proc=cfg.dataset_num_proc)
+    return Pairs(tokenized, truncation, tokenizer.bos_token_id, rows.sources), rows

@@ -85,7 +85,7 @@ def _audit(args) -> None:
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)})
     tokenizer = load_tokenizer(args.model_name_or_path or smollm2_path())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    reports, buckets = {}, None
+    reports = {}
     for name, split in (("train", cfg.dataset_train_split), ("test", cfg.dataset_test_split)):
         if split is None:
             continue
@@ -99,8 +99,7 @@ def _audit(args) -> None:
             raise
         batches = BatchIterator(pairs, global_batch_size=args.per_device_train_batch_size, pad_token_id=pad,
                                 seed=cfg.seed, shuffle=cfg.shuffle, num_buckets=cfg.num_length_buckets,
-                                multiple=cfg.pad_to_multiple_of, buckets=buckets)
-        buckets = buckets or batches.buckets
+                                multiple=cfg.pad_to_multiple_of)
         reports[name] = audit.audit(pairs, rows, batches, tokenizer)
         print(audit.format_table(reports[name]))
     for report in reports.values():
@@ -127,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("audit", help="load, validate and tokenize a preference dataset and print its data audit")
     check.add_argument("--model_name_or_path", help="model or tokenizer directory, repo id or .gguf (default: SmolLM2)")
     check.add_argument("--output_dir", help="also write data_audit.json here")
-    check.add_argument("--per_device_train_batch_size", type=int, default=8, help="pairs per batch for the buckets")
+    check.add_argument("--per_device_train_batch_size", type=int, default=8, help="pairs per batch (one device) for the bucket and padding figures")
     _add_config_options(check, DataConfig)
     check.set_defaults(run=_audit)
     return parser

@@ -4,14 +4,15 @@ For each pair, as TRL:
 1. implicit prompt: with no prompt column, the prompt is the longest shared prefix of chosen and rejected;
 2. standard (string) format: EOS is appended to chosen and rejected unless the text already ends with it;
 3. the prompt and prompt+completion are tokenized separately, with the chat template for conversations
-   (`add_generation_prompt=True` for the prompt alone) and with the tokenizer's special tokens for strings;
+   (`add_generation_prompt=True` for the prompt alone; a row's `tools` and `chat_template_kwargs` columns are
+   passed to the template) and with the tokenizer's special tokens for strings;
 4. the completion is what follows the longest common prefix of the tokenized prompt and the tokenized
    prompt+chosen / prompt+rejected; when that is shorter than the prompt, tokens merged across the boundary
    (or the template renders the prompt differently) and the pair is counted as a boundary merge.
 
-One deliberate difference: a sequence that starts with BOS twice (the prompt text already began with the BOS
-string and the tokenizer added another) loses the extra one, and the pair is counted in the data audit. TRL
-keeps both.
+One deliberate difference: when the tokenizer (or chat template) itself adds a BOS and the text already began
+with the BOS string, the sequence would start with BOS twice; the extra one is removed and the pair counted in
+the data audit. TRL keeps both.
 """
 
 from __future__ import annotations
@@ -21,41 +22,48 @@ import json
 
 import datasets
 
-from .data import ROW, Split, clean_messages
+from .data import FILE, PASSED_THROUGH, ROW, Split
 from .errors import UserError
+from .formats import clean_messages, extract_prompt
 
-
-def extract_prompt(chosen, rejected):
-    """Split the shared beginning of chosen and rejected off as the prompt: (prompt, chosen, rejected).
-
-    Works on strings (characters) and on message lists (whole messages). As TRL, a space just before the point
-    where the two differ goes with the completions. Unlike TRL's edge cases, both completions are kept non-empty:
-    when one is a prefix of the other, the prompt stops one element short."""
-    n = min(len(chosen), len(rejected))
-    i = next((k for k in range(n) if chosen[k] != rejected[k]), n)
-    if isinstance(chosen, str) and 0 < i and chosen[i - 1] == " ":
-        i -= 1
-    i = min(i, n - 1)
-    return chosen[:i], chosen[i:], rejected[i:]
+FEATURES = datasets.Features({
+    ROW: datasets.Value("int64"), FILE: datasets.Value("int32"),
+    "prompt_ids": datasets.List(datasets.Value("int32")), "chosen_ids": datasets.List(datasets.Value("int32")),
+    "rejected_ids": datasets.List(datasets.Value("int32")), "boundary_merged": datasets.Value("bool"),
+    "bos_fixed": datasets.Value("int8"), "identical": datasets.Value("bool"), "pair_key": datasets.Value("string"),
+})
 
 
 def tokenize(split: Split, tokenizer, *, num_proc: int | None = None) -> datasets.Dataset:
-    """The tokenized pairs of a validated split: ROW, prompt_ids, chosen_ids, rejected_ids and audit flags."""
-    if tokenizer.eos_token is None and split.fmt == "standard":
+    """The tokenized pairs of a validated split: FILE, ROW, prompt_ids, chosen_ids, rejected_ids, audit flags."""
+    conversational = split.fmt == "conversational"
+    if tokenizer.eos_token is None and not conversational:
         raise UserError("the tokenizer has no EOS token, which the standard format appends to each completion; "
                         "use a tokenizer with an eos_token.")
-    if split.fmt == "conversational" and not tokenizer.chat_template:
-        raise UserError(f"{split.source} is conversational, but the tokenizer has no chat template. Set one "
+    if conversational and not tokenizer.chat_template:
+        raise UserError(f"{split.title} is conversational, but the tokenizer has no chat template. Set one "
                         f"(tokenizer.chat_template) or give the data as plain strings (the standard format).")
-    columns = [c for c in split.dataset.column_names if c != ROW]
+    columns = [c for c in split.dataset.column_names if c not in (ROW, FILE)]
     return split.dataset.map(
         _tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=columns,
-        fn_kwargs=dict(tokenizer=tokenizer, conversational=split.fmt == "conversational",
-                       implicit=split.implicit_prompt),
-        desc=f"Tokenizing {split.source}")
+        features=FEATURES, desc=f"Tokenizing {split.title}",
+        fn_kwargs=dict(tokenizer=tokenizer, conversational=conversational, implicit=split.implicit_prompt,
+                       adds_bos=_adds_bos(tokenizer, conversational), sources=split.sources))
 
 
-def _tokenize_batch(batch: dict, tokenizer, conversational: bool, implicit: bool) -> dict:
+def _adds_bos(tokenizer, conversational: bool) -> bool:
+    """Whether tokenizing (or rendering the chat template) puts a BOS in front by itself."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if conversational:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, return_dict=True)
+        return ids["input_ids"][:1] == [bos]
+    return tokenizer("x")["input_ids"][:1] == [bos]
+
+
+def _tokenize_batch(batch: dict, tokenizer, conversational: bool, implicit: bool, adds_bos: bool,
+                    sources: list[str]) -> dict:
     prompts, chosens, rejecteds = [], [], []
     for i in range(len(batch[ROW])):
         chosen, rejected = batch["chosen"][i], batch["rejected"][i]
@@ -74,15 +82,17 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, implicit: bool
         rejecteds.append(rejected)
 
     if conversational:
-        def encode(convs, **kw):
-            return tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True, **kw)["input_ids"]
-        prompt_ids = encode(prompts, add_generation_prompt=True)
+        template_args = _template_args(batch)
+        try:
+            prompt_ids = _render(tokenizer, prompts, template_args, add_generation_prompt=True)
+            full_chosen = _render(tokenizer, [p + c for p, c in zip(prompts, chosens)], template_args)
+            full_rejected = _render(tokenizer, [p + r for p, r in zip(prompts, rejecteds)], template_args)
+        except Exception as e:  # a template's raise_exception, or a render error: find the row
+            _raise_template_error(tokenizer, batch, prompts, chosens, rejecteds, template_args, sources, e)
     else:
-        def encode(texts):
-            return tokenizer(text=texts)["input_ids"]
-        prompt_ids = encode(prompts)
-    full_chosen = encode([p + c for p, c in zip(prompts, chosens)])
-    full_rejected = encode([p + r for p, r in zip(prompts, rejecteds)])
+        prompt_ids = tokenizer(text=prompts)["input_ids"]
+        full_chosen = tokenizer(text=[p + c for p, c in zip(prompts, chosens)])["input_ids"]
+        full_rejected = tokenizer(text=[p + r for p, r in zip(prompts, rejecteds)])["input_ids"]
 
     out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "boundary_merged", "bos_fixed",
                            "identical", "pair_key")}
@@ -90,7 +100,7 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, implicit: bool
     for i in range(len(prompts)):
         fixed = 0
         p, pc, pr = prompt_ids[i], full_chosen[i], full_rejected[i]
-        if bos is not None and len(p) > 1 and p[0] == p[1] == bos:
+        if adds_bos and len(p) > 1 and p[0] == p[1] == bos:
             p, pc, pr, fixed = p[1:], pc[1:], pr[1:], 1
         n = min(_common_prefix(p, pc), _common_prefix(p, pr))
         out["prompt_ids"].append(p[:n])
@@ -102,6 +112,39 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, implicit: bool
         key = json.dumps([prompts[i], chosens[i], rejecteds[i]], sort_keys=True, ensure_ascii=False)
         out["pair_key"].append(hashlib.blake2b(key.encode(), digest_size=12).hexdigest())
     return out
+
+
+def _template_args(batch: dict) -> list[dict] | None:
+    """Per-row keyword arguments of the chat template (TRL's `tools` and `chat_template_kwargs` columns)."""
+    if not any(c in batch for c in PASSED_THROUGH):
+        return None
+    args = []
+    for i in range(len(batch[ROW])):
+        tools = batch.get("tools", [None] * (i + 1))[i]
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        args.append({"tools": tools, **(batch.get("chat_template_kwargs", [None] * (i + 1))[i] or {})})
+    return args
+
+
+def _render(tokenizer, conversations: list, template_args: list[dict] | None, **kwargs) -> list[list[int]]:
+    if template_args is None:  # one batched call
+        return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+    return [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, **a, **kwargs)["input_ids"]
+            for c, a in zip(conversations, template_args)]
+
+
+def _raise_template_error(tokenizer, batch, prompts, chosens, rejecteds, template_args, sources, error):
+    for i in range(len(prompts)):
+        args = [template_args[i]] if template_args else None
+        for conv, extra in ((prompts[i], {"add_generation_prompt": True}), (prompts[i] + chosens[i], {}),
+                            (prompts[i] + rejecteds[i], {})):
+            try:
+                _render(tokenizer, [conv], args, **extra)
+            except Exception as e:
+                raise UserError(f"{sources[batch[FILE][i]]}, row {batch[ROW][i]}: the tokenizer's chat template "
+                                f"failed on this conversation ({type(e).__name__}: {e}). Change the row (for "
+                                f"instance a role the template does not support) or the chat template.") from e
+    raise error
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -16,7 +16,7 @@ def make_pairs(triples, **truncation) -> Pairs:
     """Pairs from (prompt ids, chosen ids, rejected ids), as the tokenizer stage would store them."""
     n = len(triples)
     tokenized = Dataset.from_dict({
-        "__row__": list(range(1, n + 1)),
+        "__row__": list(range(1, n + 1)), "__file__": [0] * n,
         "prompt_ids": [list(p) for p, _, _ in triples], "chosen_ids": [list(c) for _, c, _ in triples],
         "rejected_ids": [list(r) for _, _, r in triples], "boundary_merged": [False] * n, "bos_fixed": [0] * n,
         "identical": [False] * n, "pair_key": [str(i) for i in range(n)]})
@@ -168,6 +168,11 @@ def test_resume_refuses_different_data_or_seed():
         BatchIterator(random_pairs(23), global_batch_size=4, pad_token_id=PAD, seed=8).load_state_dict(state)
     with pytest.raises(UserError, match="fingerprint"):
         BatchIterator(random_pairs(23, seed=1), global_batch_size=4, pad_token_id=PAD, seed=7).load_state_dict(state)
+    with pytest.raises(UserError, match="shuffle"):
+        BatchIterator(random_pairs(23), global_batch_size=4, pad_token_id=PAD, seed=7,
+                      shuffle=False).load_state_dict(state)
+    with pytest.raises(UserError, match="lacks step"):
+        batches.load_state_dict({k: v for k, v in state.items() if k != "step"})
 
 
 @pytest.mark.parametrize("processes", [2, 4])

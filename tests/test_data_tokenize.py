@@ -23,12 +23,17 @@ STANDARD = [
     {"prompt": "The quick brown fox jumps over the lazy dog. " * 4, "chosen": " Yes.", "rejected": " No."},
     {"prompt": "Count.", "chosen": " one two three four five six seven eight nine ten eleven twelve",
      "rejected": " one"},
+    {"prompt": "<EOS><EOS>Hi", "chosen": " there", "rejected": " you"},  # special tokens written in the text
 ]
 IMPLICIT = [
     {"chosen": "Q: What is 2+2? A: Four.", "rejected": "Q: What is 2+2? A: Nine."},
     {"chosen": "Q: Capital of France? A: Paris.", "rejected": "Q: Capital of France? A: Lyon, I think."},
     {"chosen": "The sky is blue.", "rejected": "The sky is green, obviously, and always has been."},
+    {"chosen": "Q: Is it? A: Yes", "rejected": "Q: Is it? A: Yes, it is."},  # chosen is a prefix of rejected
 ]
+# Chosen and rejected differ at the first character: every prompt of the batch is empty (no ids at all for
+# a tokenizer that adds no BOS).
+IMPLICIT_EMPTY = [{"chosen": "Yes it is.", "rejected": "No way."}, {"chosen": "Sure.", "rejected": "Never."}]
 
 
 def _msg(role, content):
@@ -49,7 +54,7 @@ CONVERSATIONAL_IMPLICIT = [
     {"chosen": [_msg("system", "Be kind."), _msg("user", "Hello"), _msg("assistant", "Hi there!")],
      "rejected": [_msg("system", "Be kind."), _msg("user", "Hello"), _msg("assistant", "Go away.")]},
 ]
-CASES = {"standard": STANDARD, "implicit": IMPLICIT, "conversational": CONVERSATIONAL,
+CASES = {"standard": STANDARD, "implicit": IMPLICIT, "implicit_empty": IMPLICIT_EMPTY, "conversational": CONVERSATIONAL,
          "conversational_implicit": CONVERSATIONAL_IMPLICIT}
 
 
@@ -73,7 +78,7 @@ def _rows(case, tokenizer):
             for r in CASES[case]]
 
 
-def trl_sequences(rows, tokenizer, max_length, tmp_path):
+def trl_sequences(rows, tokenizer, max_length, tmp_path, truncation_mode="keep_start"):
     """[(chosen ids, chosen completion mask, rejected ids, rejected mask)] from TRL's DPOTrainer and collator."""
     import transformers
     from datasets import Dataset
@@ -82,7 +87,7 @@ def trl_sequences(rows, tokenizer, max_length, tmp_path):
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), max_length=max_length, report_to=[], bf16=False,
-                     use_cpu=True)
+                     use_cpu=True, truncation_mode=truncation_mode)
     trainer = DPOTrainer(model=transformers.LlamaForCausalLM(config), ref_model=transformers.LlamaForCausalLM(config),
                          args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     out = []
@@ -96,10 +101,11 @@ def trl_sequences(rows, tokenizer, max_length, tmp_path):
     return out
 
 
-def our_sequences(rows, tokenizer, max_length, tmp_path):
+def our_sequences(rows, tokenizer, max_length, tmp_path, truncation_mode="keep_start"):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs, _ = load_pairs(DataConfig(dataset_name=str(path), max_length=max_length), "train", tokenizer)
+    cfg = DataConfig(dataset_name=str(path), max_length=max_length, truncation_mode=truncation_mode)
+    pairs, _ = load_pairs(cfg, "train", tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = BatchIterator(pairs, global_batch_size=2, pad_token_id=pad, shuffle=False)
     out = []
@@ -137,7 +143,23 @@ def test_tokens_and_masks_match_trl(tokenizer_name, case, short, request, tmp_pa
         assert any(v.any() for v in pairs.truncated_at_max_length.values())
 
 
-def test_completion_mask_covers_completion_and_eos_exactly():
+@pytest.mark.parametrize("max_length,truncation_mode", [(None, "keep_start"), (12, "keep_end")])
+@pytest.mark.parametrize("tokenizer_name,case", [("gpt2_style", "standard"), ("llama3_style", "conversational")])
+def test_no_truncation_and_keep_end_match_trl(tokenizer_name, case, max_length, truncation_mode, tmp_path):
+    tokenizer = TOKENIZERS[tokenizer_name]()
+    rows = _rows(case, tokenizer)
+    ours, _ = our_sequences(rows, tokenizer, max_length, tmp_path, truncation_mode)
+    assert ours == trl_sequences(rows, tokenizer, max_length, tmp_path, truncation_mode)
+    assert len(ours) == len(rows)  # keep_end drops nothing
+
+
+def pairs_from_rows(rows, tokenizer, tmp_path, **options):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_pairs(DataConfig(dataset_name=str(path), **options), "train", tokenizer)
+
+
+def test_completion_mask_covers_completion_and_eos_exactly(tmp_path):
     """A case written out by hand from the tokenizer's pieces: BOS + prompt | completion + EOS."""
     tokenizer = llama3_style()
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -146,31 +168,33 @@ def test_completion_mask_covers_completion_and_eos_exactly():
     expected = {"chosen": [bos] + encode(prompt) + encode(chosen) + [eos],
                 "rejected": [bos] + encode(prompt) + encode(rejected) + [eos]}
     n_prompt = 1 + len(encode(prompt))
-    from datasets import Dataset
-    from dpo_jax.batching import Pairs, Truncation
-    from dpo_jax.data import Split, validate
-    from dpo_jax.preprocess import tokenize
-
-    split = validate(Split(Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                                                "__row__": 1}]), source="hand"))
-    pairs = Pairs(tokenize(split, tokenizer), Truncation(), bos)
+    pairs, _ = pairs_from_rows([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tokenizer, tmp_path)
     for which in ("chosen", "rejected"):
         ids, mask = pairs.sequence(0, which)
         assert ids.tolist() == expected[which]
         assert mask.tolist() == [0] * n_prompt + [1] * (len(expected[which]) - n_prompt)
 
 
-def test_bos_in_prompt_text_is_not_doubled():
-    """Our one deliberate difference from TRL: a prompt that already starts with the BOS string."""
+def test_bos_in_prompt_text_is_not_doubled(tmp_path):
+    """Our one deliberate difference from TRL: a prompt that already starts with the BOS string, with a
+    tokenizer that adds BOS itself."""
     tokenizer = llama3_style()
-    from datasets import Dataset
-    from dpo_jax.batching import Pairs, Truncation
-    from dpo_jax.data import Split, validate
-    from dpo_jax.preprocess import tokenize
-
-    split = validate(Split(Dataset.from_list([{"prompt": "<|begin_of_text|>Hi", "chosen": " there",
-                                                "rejected": " you", "__row__": 1}]), source="hand"))
-    pairs = Pairs(tokenize(split, tokenizer), Truncation(), tokenizer.bos_token_id)
+    pairs, _ = pairs_from_rows([{"prompt": "<|begin_of_text|>Hi", "chosen": " there", "rejected": " you"}],
+                               tokenizer, tmp_path)
     ids, _ = pairs.sequence(0, "chosen")
     assert (ids == tokenizer.bos_token_id).sum() == 1 and ids[0] == tokenizer.bos_token_id
     assert pairs.flags["bos_fixed"].tolist() == [1]
+
+
+def test_tools_and_chat_template_kwargs_columns_reach_the_template_as_trl(tmp_path):
+    import copy
+
+    tokenizer = copy.deepcopy(llama3_style())
+    tokenizer.chat_template = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}"
+                               "{% if terse %}[terse]{% endif %}" + tokenizer.chat_template)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    rows = [{**CONVERSATIONAL[0], "tools": json.dumps(tools), "chat_template_kwargs": {"terse": True}},
+            {**CONVERSATIONAL[1], "tools": None, "chat_template_kwargs": {"terse": False}}]
+    ours, _ = our_sequences(rows, tokenizer, 1024, tmp_path)
+    assert ours == trl_sequences(rows, tokenizer, 1024, tmp_path)
+    assert "Tools:" in tokenizer.decode(ours[0][0]) and "[terse]" in tokenizer.decode(ours[0][0])

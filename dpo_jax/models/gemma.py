@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import CheckpointError
-from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq
+from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq, run_blocks
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -107,6 +107,7 @@ class GemmaForCausalLM(nnx.Module):
 
     def __init__(self, cfg: GemmaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
+        self.remat = False  # recompute each block's activations in the backward pass (set by the step)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
@@ -126,8 +127,7 @@ class GemmaForCausalLM(nnx.Module):
         x = self.embed_tokens(input_ids_BxT)
         # transformers rounds the scale to the embedding's dtype before multiplying.
         x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
-        for layer in self.layers:
-            x = layer(x, mask_BxTxT, positions)
+        x = run_blocks(self.layers, x, mask_BxTxT, positions, remat=self.remat)
         return self.norm(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

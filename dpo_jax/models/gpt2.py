@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Embed, LayerNorm, Linear, activation, attention, build_mask, default_positions
+from .layers import Embed, LayerNorm, Linear, activation, attention, build_mask, default_positions, run_blocks
 
 MODEL_TYPES = ("gpt2",)
 
@@ -90,6 +90,7 @@ class GPT2LMHeadModel(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
+        self.remat = False  # recompute each block's activations in the backward pass (set by the step)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.wte = Embed(cfg.vocab_size, cfg.n_embd, ("vocab", "embed"), **kw)
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, (None, "embed"), **kw)
@@ -108,8 +109,7 @@ class GPT2LMHeadModel(nnx.Module):
             positions = default_positions(attention_mask, b, t)
         mask_BxTxT = build_mask(attention_mask, b, t)
         x = self.wte(input_ids_BxT) + self.wpe(positions)
-        for block in self.h:
-            x = block(x, mask_BxTxT)
+        x = run_blocks(self.h, x, mask_BxTxT, remat=self.remat)
         return self.ln_f(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -260,3 +260,15 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def run_blocks(blocks, x, *args, remat: bool = False):
+    """Apply decoder blocks in order; with `remat`, each block's activations are recomputed in the backward
+    pass instead of kept (only its input is saved)."""
+    for block in blocks:
+        if remat:  # functional, so that no module state crosses the checkpoint's trace
+            graphdef, state = nnx.split(block)
+            x = jax.checkpoint(lambda s, *a, g=graphdef: nnx.merge(g, s)(*a))(state, x, *args)
+        else:
+            x = block(x, *args)
+    return x

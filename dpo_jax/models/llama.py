@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq
+from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq, run_blocks
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -100,6 +100,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
+        self.remat = False  # recompute each block's activations in the backward pass (set by the step)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
@@ -118,8 +119,7 @@ class LlamaForCausalLM(nnx.Module):
             positions = default_positions(attention_mask, b, t)
         mask_BxTxT = build_mask(attention_mask, b, t)
         x = self.embed_tokens(input_ids_BxT)
-        for layer in self.layers:
-            x = layer(x, mask_BxTxT, positions)
+        x = run_blocks(self.layers, x, mask_BxTxT, positions, remat=self.remat)
         return self.norm(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -1,0 +1,244 @@
+"""The DPO training and evaluation steps: pure functions, jitted once each in `compile_train_step` /
+`compile_eval_step` with explicit shardings, the training state donated (never the reference).
+
+A batch is `batching.py`'s dict ([B, 2, T] arrays, chosen and rejected of a pair together), optionally with
+`ref_logps` [B, 2] when the reference log-probs were precomputed. The step flattens it to 2B rows and runs the
+policy once over all of them. With gradient accumulation k, row i * k + j of the global batch belongs to
+micro-batch j, so every device holds part of every micro-batch; gradients are summed over micro-batches,
+with every loss normalised by the counts of the whole global batch, so k micro-batches of b pairs give the
+same update as one batch of k * b (except for `aot` / `aot_unpaired`, which sort within a micro-batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from . import losses, sharding
+from .errors import UserError
+from .logps import sequence_logps
+from .losses import LossConfig, PairLogps
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+BATCH_AXES = ("data", "fsdp")  # the global batch is split over both; tensor-parallel devices share rows
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its schedule; names and defaults as TRL's DPOConfig / transformers' TrainingArguments."""
+
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0  # on matrices only (transformers: not on biases and norms)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    loss: LossConfig = LossConfig()
+    gradient_accumulation_steps: int = 1
+    chunk: int | None = None  # positions per head chunk in logps.py (None: from a memory budget)
+    gradient_checkpointing: bool = True  # recompute each decoder block in the backward pass (TRL's default)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32: optimizer updates applied
+    params: nnx.State  # the policy's trainable parameters
+    opt_state: optax.OptState
+    nonfinite_run: jax.Array  # int32: consecutive steps not applied because the loss or gradients were not finite
+    nonfinite_total: jax.Array
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule; weight decay on parameters with 2+ dimensions."""
+    if cfg.lr_scheduler_type not in SCHEDULES:
+        raise UserError(f"lr_scheduler_type must be one of {', '.join(SCHEDULES)}, not {cfg.lr_scheduler_type!r}")
+    warmup = cfg.warmup_steps or int(-(-cfg.warmup_ratio * total_steps // 1))
+    lr, decay_steps = cfg.learning_rate, max(total_steps - warmup, 1)
+    after = {"constant": optax.constant_schedule(lr), "constant_with_warmup": optax.constant_schedule(lr),
+             "linear": optax.linear_schedule(lr, 0.0, decay_steps),
+             "cosine": optax.cosine_decay_schedule(lr, decay_steps)}[cfg.lr_scheduler_type]
+    schedule = after if cfg.lr_scheduler_type == "constant" or warmup == 0 else optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+    adamw = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                        weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity()
+    return optax.chain(clip, adamw)
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+    """The initial state, built under jit so that the optimizer state is laid out like the parameters (and
+    scalars replicated) on their mesh, with its own buffers (the state is donated)."""
+    def init(p):
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, p, tx.init(p), zero, zero)
+    return jax.jit(init)(jax.tree.map(jnp.copy, params))
+
+
+def split_policy(model, gradient_checkpointing: bool):
+    """(graphdef, params) of the policy, with block rematerialisation on or off."""
+    model.remat = gradient_checkpointing
+    return nnx.split(model, nnx.Param)
+
+
+def split_reference(model):
+    """(graphdef, params) of the frozen reference (never rematerialised: it has no backward pass)."""
+    model.remat = False
+    return nnx.split(model, nnx.Param)
+
+
+# ------------------------------------------------------------------------------------------------ the maths
+def _rows(batch: dict) -> tuple:
+    """[B, 2, T] -> [2B, T] rows (chosen and rejected of pair i are rows 2i and 2i + 1)."""
+    return tuple(batch[k].reshape(-1, batch[k].shape[-1])
+                 for k in ("input_ids", "attention_mask", "completion_mask", "position_ids"))
+
+
+def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: StepConfig):
+    """PairLogps of a (micro-)batch and the per-pair logit sums (chosen, rejected)."""
+    rows = _rows(batch)
+    policy = sequence_logps(nnx.merge(graphdef, params), *rows, chunk=cfg.chunk)
+    b = batch["input_ids"].shape[0]
+    pol = {k: v.reshape(b, 2) for k, v in policy.items()}
+    if "ref_logps" in batch:
+        ref = batch["ref_logps"].astype(jnp.float32)
+    elif cfg.loss.reference_free or ref_params is None:
+        ref = jnp.zeros((b, 2), jnp.float32)
+    else:
+        ref_out = sequence_logps(nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params)), *rows, chunk=cfg.chunk)
+        ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
+    p = PairLogps(chosen=pol["logps"][:, 0], rejected=pol["logps"][:, 1], ref_chosen=ref[:, 0],
+                  ref_rejected=ref[:, 1], chosen_tokens=pol["tokens"][:, 0], rejected_tokens=pol["tokens"][:, 1])
+    return p, pol["logit_sum"]
+
+
+def batch_counts(batch: dict) -> dict[str, jax.Array]:
+    """Denominators of the losses, from the whole global batch: real pairs and their chosen target tokens."""
+    pair_mask = batch["pair_mask"].astype(jnp.float32)
+    chosen_targets = batch["completion_mask"][:, 0, 1:].sum(-1).astype(jnp.float32)
+    return {"pairs": pair_mask.sum(), "chosen_tokens": (chosen_targets * pair_mask).sum()}
+
+
+def _micro_loss(params, graphdef, ref_graphdef, ref_params, micro: dict, counts: dict, cfg: StepConfig):
+    p, logit_sum = pair_logps(graphdef, params, ref_graphdef, ref_params, micro, cfg)
+    mask = micro["pair_mask"].astype(jnp.float32)
+    loss, parts = jnp.float32(0), {}
+    for name, weight in cfg.loss.terms():
+        numerator = (losses.LOSSES[name](p, cfg.loss) * mask).sum()
+        denominator = counts["chosen_tokens"] if name in losses.TOKEN_AVERAGED else counts["pairs"]
+        parts[name] = numerator
+        loss = loss + weight * numerator / jnp.maximum(denominator, 1)
+    sums = losses.metric_sums(p, mask, (logit_sum[:, 0] * mask).sum(), (logit_sum[:, 1] * mask).sum(), cfg.loss)
+    return loss, (sums, parts)
+
+
+def _split_micro(batch: dict, k: int) -> dict:
+    """[k * b, ...] -> [k, b, ...] with row i * k + j in micro-batch j."""
+    def split(x):
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_graphdef, cfg: StepConfig,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One optimizer update from one global batch; not applied when the loss or gradients are not finite."""
+    counts = batch_counts(batch)
+    k = cfg.gradient_accumulation_steps
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def micro_step(carry, micro):
+        loss, grads, sums, parts = carry
+        (l, (s, p)), g = grad_fn(state.params, graphdef, ref_graphdef, ref_params, micro, counts, cfg)
+        return (loss + l, jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s),
+                jax.tree.map(jnp.add, parts, p)), None
+
+    micro0 = jax.tree.map(lambda x: x[0], _split_micro(batch, k))
+    shapes = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0, counts,
+                                                cfg)[1])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1]))
+    init = (jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params), *zeros)
+    (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, _split_micro(batch, k))
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(new_params, state.params),
+                           opt_state=keep(new_opt, state.opt_state),
+                           nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+                           nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm, **losses.finish_metrics(sums),
+               "nonfinite_run": new_state.nonfinite_run, "applied": finite}
+    if "sft" in parts:
+        metrics["nll_loss"] = parts["sft"] / jnp.maximum(counts["chosen_tokens"], 1)
+    return new_state, metrics
+
+
+def eval_sums(params, ref_params, batch: dict, *, graphdef, ref_graphdef, cfg: StepConfig) -> dict:
+    """Numerators and denominators of the loss terms and metrics of one batch; add them over batches, then
+    `finish_eval`, so the evaluation does not depend on how it was batched."""
+    counts = batch_counts(batch)
+    _, (sums, parts) = _micro_loss(params, graphdef, ref_graphdef, ref_params, batch, counts, cfg)
+    return {**sums, **{f"loss/{k}": v for k, v in parts.items()}, "chosen_targets": counts["chosen_tokens"]}
+
+
+def finish_eval(sums: dict, cfg: StepConfig) -> dict:
+    out = losses.finish_metrics(sums)
+    loss = 0.0
+    for name, weight in cfg.loss.terms():
+        denominator = sums["chosen_targets"] if name in losses.TOKEN_AVERAGED else sums["pairs"]
+        loss = loss + weight * sums[f"loss/{name}"] / max(float(denominator), 1.0)
+    out["loss"] = loss
+    return out
+
+
+# ------------------------------------------------------------------------------------------ jit and sharding
+def state_shardings(params: nnx.State, mesh) -> nnx.State:
+    """NamedShardings of parameters from their logical axes (see sharding.py)."""
+    return jax.tree.map(lambda v: sharding.param_sharding(v.get_metadata().get("out_sharding"), v.shape, mesh),
+                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def shard_params(params: nnx.State, mesh) -> nnx.State:
+    return jax.device_put(params, state_shardings(params, mesh))
+
+
+def _shardings(tree):
+    return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
+
+
+def compile_train_step(graphdef, ref_graphdef, cfg: StepConfig, tx, mesh, state: TrainState, ref_params):
+    """`train_step` jitted once, with explicit shardings on `mesh`: the state (from `init_state` on sharded
+    parameters) and the reference keep theirs, the batch is split over data x fsdp, the metrics are
+    replicated. The state is donated; the reference never is."""
+    fn = functools.partial(train_step, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg, tx=tx)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    state_sh = _shardings(state)
+    return jax.jit(fn, in_shardings=(state_sh, _shardings(ref_params), batch_sharding(mesh)),
+                   out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+
+
+def compile_eval_step(graphdef, ref_graphdef, cfg: StepConfig, mesh=None, params=None, ref_params=None):
+    fn = functools.partial(eval_sums, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg)
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(_shardings(params), _shardings(ref_params), batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))

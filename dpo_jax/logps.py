@@ -31,14 +31,15 @@ def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Arra
     n, t = input_ids_NxT.shape
     hidden_NxTxD = model.hidden_states(input_ids_NxT, attention_mask_NxT, positions_NxT)
     targets_NxT = jnp.roll(input_ids_NxT, -1, axis=1)  # position t predicts token t + 1
-    mask_NxT = jnp.roll(completion_mask_NxT, -1, axis=1).at[:, -1].set(0).astype(jnp.float32)
+    wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
+    mask_NxT = jnp.roll(completion_mask_NxT, -1, axis=1).at[:, -1].set(0).astype(wide)
     vocab = model.config.vocab_size
     c = chunk or chunk_length(t, n, vocab)
     k = t // c
 
     @jax.checkpoint
     def head(hidden_NxCxD, targets_NxC):
-        logits_NxCxV = model.logits(hidden_NxCxD).astype(jnp.float32)
+        logits_NxCxV = model.logits(hidden_NxCxD).astype(wide)
         target_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
         return target_NxC - jax.nn.logsumexp(logits_NxCxV, axis=-1), logits_NxCxV.mean(axis=-1)
 

@@ -113,9 +113,9 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
     b = batch["input_ids"].shape[0]
     pol = {k: v.reshape(b, 2) for k, v in policy.items()}
     if "ref_logps" in batch:
-        ref = batch["ref_logps"].astype(jnp.float32)
+        ref = batch["ref_logps"].astype(pol["logps"].dtype)
     elif cfg.loss.reference_free or ref_params is None:
-        ref = jnp.zeros((b, 2), jnp.float32)
+        ref = jnp.zeros((b, 2), pol["logps"].dtype)
     else:
         ref_out = sequence_logps(nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params)), *rows, chunk=cfg.chunk)
         ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
@@ -133,8 +133,8 @@ def batch_counts(batch: dict) -> dict[str, jax.Array]:
 
 def _micro_loss(params, graphdef, ref_graphdef, ref_params, micro: dict, counts: dict, cfg: StepConfig):
     p, logit_sum = pair_logps(graphdef, params, ref_graphdef, ref_params, micro, cfg)
-    mask = micro["pair_mask"].astype(jnp.float32)
-    loss, parts = jnp.float32(0), {}
+    mask = micro["pair_mask"].astype(p.chosen.dtype)
+    loss, parts = jnp.zeros((), p.chosen.dtype), {}
     for name, weight in cfg.loss.terms():
         numerator = (losses.LOSSES[name](p, cfg.loss) * mask).sum()
         denominator = counts["chosen_tokens"] if name in losses.TOKEN_AVERAGED else counts["pairs"]
@@ -167,8 +167,10 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     micro0 = jax.tree.map(lambda x: x[0], _split_micro(batch, k))
     shapes = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0, counts,
                                                 cfg)[1])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1]))
-    init = (jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params), *zeros)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    loss_shape = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0,
+                                                    counts, cfg)[0])
+    init = (jnp.zeros((), loss_shape.dtype), jax.tree.map(jnp.zeros_like, state.params), *zeros)
     (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, _split_micro(batch, k))
 
     grad_norm = optax.global_norm(grads)

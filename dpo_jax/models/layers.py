@@ -62,6 +62,11 @@ class Embed(nnx.Module):
         return jnp.dot(x_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
+def wide(dtype) -> jnp.dtype:
+    """float32, or the dtype itself when it is wider (float64 models in the finite-difference tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class RMSNorm(nnx.Module):
     """RMS norm computed in float32. `offset=1.0` is Gemma's `x * (1 + w)` (its weights are stored minus one)."""
 
@@ -72,11 +77,11 @@ class RMSNorm(nnx.Module):
         self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(wide(x.dtype))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:
             # Gemma scales in float32, then casts.
-            return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+            return (normed * (self.offset + self.weight[...].astype(x32.dtype))).astype(x.dtype)
         # Llama casts back first, then scales in the weight's dtype (transformers' LlamaRMSNorm).
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
@@ -90,11 +95,11 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(wide(x.dtype))
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(x32.dtype) + self.bias[...].astype(x32.dtype)).astype(x.dtype)
 
 
 ACTIVATIONS = {
@@ -204,7 +209,7 @@ def attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, 
     k = k_BxSxKxE.shape[2]
     q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
     scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
-                        preferred_element_type=jnp.float32) * scale
+                        preferred_element_type=wide(q_BxTxHxE.dtype)) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)

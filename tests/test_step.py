@@ -1,0 +1,206 @@
+"""The training step against independent references: transformers' log-softmax, finite differences, one device
+against meshes of eight, one batch against accumulated micro-batches."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+import torch
+from flax import nnx
+
+import tiny_models
+from dpo_jax import from_pretrained
+from dpo_jax import step as S
+from dpo_jax.logps import sequence_logps
+from dpo_jax.losses import LossConfig
+from dpo_jax.sharding import make_mesh
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    torch_model = tiny_models.make_model("llama")
+    torch_model.save_pretrained(path)
+    return str(path), torch_model
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    """Different weights of the same architecture: a reference the policy differs from, so rewards and
+    accuracies are far from rounding noise from the first step on."""
+    path = tmp_path_factory.mktemp("llama_ref")
+    tiny_models.make_model("llama", seed=1).save_pretrained(path)
+    return str(path)
+
+
+def make_batch(b=8, t=16, seed=0, vocab=128):
+    """Pairs with different prompt and completion lengths, right padding, one filler pair."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (b, 2, t)).astype(np.int32)
+    attention = np.zeros((b, 2, t), np.int32)
+    completion = np.zeros((b, 2, t), np.int32)
+    for i in range(b):
+        prompt = rng.integers(2, 7)
+        for s in range(2):
+            n = rng.integers(prompt + 1, t + 1)
+            attention[i, s, :n] = 1
+            completion[i, s, prompt:n] = 1
+    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
+             "position_ids": np.maximum(np.cumsum(attention, -1) - 1, 0).astype(np.int32),
+             "pair_mask": np.ones(b, np.int32)}
+    batch["pair_mask"][-1] = 0
+    batch["completion_mask"][-1] = batch["attention_mask"][-1] = 0
+    return batch
+
+
+def load(path, **kw):
+    return from_pretrained(path, **kw)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_chunked_logps_equal_transformers_log_softmax(checkpoint, chunk):
+    path, torch_model = checkpoint
+    batch = make_batch()
+    rows = [batch[k].reshape(-1, 16) for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")]
+    ours = sequence_logps(load(path), *map(jnp.asarray, rows), chunk=chunk)
+    ids, attention, completion, positions = (torch.tensor(r, dtype=torch.long) for r in rows)
+    with torch.no_grad():
+        logits = torch_model(input_ids=ids, attention_mask=attention, position_ids=positions).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    mask = completion[:, 1:].double()
+    np.testing.assert_allclose(np.asarray(ours["logps"]), (logp * mask).sum(-1).numpy(), rtol=2e-6, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ours["tokens"]), mask.sum(-1).numpy())
+    mean_logits = (logits[:, :-1].mean(-1) * mask).sum(-1).numpy()
+    np.testing.assert_allclose(np.asarray(ours["logit_sum"]), mean_logits, rtol=2e-6, atol=2e-5)
+
+
+def setup(path, cfg=S.StepConfig(), mesh=None, lr=1e-3, ref_path=None):  # noqa: D103
+    policy = load(path, mesh=mesh)
+    graphdef, params = S.split_policy(policy, cfg.gradient_checkpointing)
+    ref_graphdef, ref_params = S.split_reference(load(ref_path or path, mesh=mesh))
+    tx = S.make_optimizer(S.OptimConfig(learning_rate=lr, lr_scheduler_type="constant"), 10)
+    state = S.init_state(params, tx)
+    fn = S.compile_train_step(graphdef, ref_graphdef, cfg, tx, mesh, state, ref_params)
+    return fn, state, ref_params
+
+
+def put(batch, mesh):
+    return batch if mesh is None else jax.device_put(batch, S.batch_sharding(mesh))
+
+
+def test_policy_equal_to_reference_gives_ln2_and_no_reward(checkpoint):
+    fn, state, ref = setup(checkpoint[0])
+    _, metrics = fn(state, ref, make_batch())
+    np.testing.assert_allclose(float(metrics["loss"]), np.log(2), rtol=1e-6)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert float(metrics[k]) == 0.0, k
+
+
+def test_reference_is_unchanged_and_policy_changes(checkpoint):
+    fn, state, ref = setup(checkpoint[0])
+    before = jax.tree.map(np.array, ref)
+    start = jax.tree.map(np.array, state.params)
+    for seed in range(3):
+        state, metrics = fn(state, ref, make_batch(seed=seed))
+    assert int(state.step) == 3
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(ref)))
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(state.params))]
+    assert all(changed)
+    assert float(metrics["rewards/margins"]) != 0.0
+
+
+def test_gradients_equal_central_finite_differences(checkpoint):
+    """The whole step's loss (DPO + RPO NLL term, two micro-batches) in float64: jax.grad against central
+    differences on a few coordinates of several parameters."""
+    path, _ = checkpoint
+    with jax.enable_x64(True):
+        cfg = S.StepConfig(loss=LossConfig(loss_type=("sigmoid", "ipo"), beta=0.5, rpo_alpha=0.3),
+                           gradient_accumulation_steps=1)
+        policy = load(path, dtype=jnp.float64, param_dtype=jnp.float64)
+        graphdef, params = S.split_policy(policy, True)
+        ref_graphdef, ref_params = S.split_reference(load(path, dtype=jnp.float64, param_dtype=jnp.float64))
+        params = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+        batch = jax.tree.map(jnp.asarray, make_batch(b=4))
+        counts = S.batch_counts(batch)
+
+        def loss(p):
+            return S._micro_loss(p, graphdef, ref_graphdef, ref_params, batch, counts, cfg)[0]
+
+        grads = jax.jit(jax.grad(loss))(params)
+        loss_jit = jax.jit(loss)
+        flat_p, tree = jax.tree.flatten(params)
+        flat_g = jax.tree.leaves(grads)
+        rng = np.random.default_rng(0)
+        h = 1e-5
+        for leaf in rng.choice(len(flat_p), 6, replace=False):
+            for _ in range(2):
+                idx = tuple(int(rng.integers(0, s)) for s in flat_p[leaf].shape)
+                def shifted(delta):
+                    leaves = list(flat_p)
+                    leaves[leaf] = leaves[leaf].at[idx].add(delta)
+                    return float(loss_jit(jax.tree.unflatten(tree, leaves)))
+                numeric = (shifted(h) - shifted(-h)) / (2 * h)
+                np.testing.assert_allclose(float(flat_g[leaf][idx]), numeric, rtol=1e-5, atol=1e-8)
+
+
+def _run(path, mesh, steps=2, cfg=S.StepConfig(), batches=None, ref_path=None):
+    # TRL's default learning rate: Adam turns gradients of ~1e-7 relative noise into updates of up to lr
+    # for coordinates whose gradient is near zero, so larger rates compare Adam's sign noise, not the step.
+    fn, state, ref = setup(path, cfg, mesh=mesh, lr=1e-6, ref_path=ref_path)
+    out = []
+    for s in range(steps):
+        state, metrics = fn(state, ref, put(batches[s] if batches else make_batch(seed=s), mesh))
+        out.append({k: float(v) for k, v in metrics.items()})
+    return out, jax.tree.map(np.asarray, state.params), state
+
+
+@pytest.mark.parametrize("axes", [dict(data=8, fsdp=1), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)])
+def test_meshes_of_eight_equal_one_device(checkpoint, other_checkpoint, axes):
+    path, _ = checkpoint
+    one_metrics, one_params, _ = _run(path, make_mesh(data=1, fsdp=1, devices=jax.devices()[:1]),
+                                      ref_path=other_checkpoint)
+    mesh = make_mesh(**axes)
+    metrics, params, state = _run(path, mesh, ref_path=other_checkpoint)
+    assert 0 < one_metrics[0]["rewards/accuracies"] < 1
+    for a, b in zip(one_metrics, metrics):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # the parameters really are laid out as the rules say: q_proj kernel is [embed -> fsdp, q_heads -> tensor]
+    kernel = state.params["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    expected = tuple(a if axes.get(a, 1) > 1 else None for a in ("fsdp", "tensor"))
+    spec = tuple(kernel.sharding.spec)
+    assert spec + (None,) * (2 - len(spec)) == expected
+    if axes.get("fsdp", 1) > 1:
+        assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // axes["fsdp"]
+
+
+def test_gradient_accumulation_equals_one_big_batch(checkpoint, other_checkpoint):
+    """4 micro-batches of 2 pairs (one of them filler) against one batch of 8, with a token-averaged term."""
+    path, _ = checkpoint
+    batch = make_batch(b=8, seed=5)
+    loss = LossConfig(loss_type=("sigmoid", "sft"))
+    acc, acc_params, _ = _run(path, None, steps=1, batches=[batch], ref_path=other_checkpoint,
+                              cfg=S.StepConfig(gradient_accumulation_steps=4, loss=loss))
+    big_sft, big_sft_params, _ = _run(path, None, steps=1, batches=[batch], ref_path=other_checkpoint,
+                                      cfg=S.StepConfig(loss=loss))
+    for k in big_sft[0]:
+        np.testing.assert_allclose(acc[0][k], big_sft[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(big_sft_params), jax.tree.leaves(acc_params)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_step_is_not_applied(checkpoint):
+    fn, state, ref = setup(checkpoint[0])
+    params = jax.tree.map(lambda x: x, state.params)
+    kernel = params["layers"][0]["mlp"]["up_proj"]["kernel"]
+    params["layers"][0]["mlp"]["up_proj"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
+    state = S.init_state(params, S.make_optimizer(S.OptimConfig(learning_rate=1e-3, lr_scheduler_type="constant"), 10))
+    before = jax.tree.map(np.array, state.params)
+    for run in (1, 2):
+        state, metrics = fn(state, ref, make_batch())
+        assert not bool(metrics["applied"]) and int(metrics["nonfinite_run"]) == run
+    assert int(state.step) == 0 and int(state.nonfinite_total) == 2
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))

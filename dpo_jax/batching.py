@@ -189,6 +189,7 @@ class BatchIterator:
             raise UserError("no preference pairs are left to batch (see the data audit for why they were dropped)")
         self.pairs, self.batch_size, self.pad = pairs, global_batch_size, pad_token_id
         self.seed, self.shuffle, self._orders = seed, shuffle, {}
+        self.ref_logps: np.ndarray | None = None  # set to attach precomputed reference log-probs to batches
         self.local = slice(process_index * global_batch_size // process_count,
                            (process_index + 1) * global_batch_size // process_count)
         self.steps_per_epoch = -(-len(pairs) // global_batch_size)
@@ -235,6 +236,8 @@ class BatchIterator:
                 out["attention_mask"][r, s, :len(ids)] = 1
                 out["completion_mask"][r, s, :len(ids)] = mask
         out["position_ids"] = np.maximum(np.cumsum(out["attention_mask"], axis=-1) - 1, 0).astype(np.int32)
+        if self.ref_logps is not None:  # precomputed reference log-probs, [n_pairs, 2]; 0 for filler pairs
+            out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
         return out
 
     def __iter__(self):

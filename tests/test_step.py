@@ -204,3 +204,32 @@ def test_nonfinite_step_is_not_applied(checkpoint):
     assert int(state.step) == 0 and int(state.nonfinite_total) == 2
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_precomputed_reference_equals_live_reference(checkpoint, other_checkpoint, tmp_path):
+    """Reference log-probs from the precompute pass (cached on disk) give the same step as the live reference."""
+    from dpo_jax import reference
+    from dpo_jax.batching import BatchIterator
+    from test_batching import random_pairs
+
+    pairs = random_pairs(12)  # token ids < 100 fit the tiny vocabulary of 128
+    ref_graphdef, ref_params = S.split_reference(load(other_checkpoint))
+    key = reference.cache_key(ref_params, pairs, jnp.float32)
+    table = reference.precompute(ref_graphdef, ref_params, pairs, batch_size=5, pad_token_id=0,
+                                 cache_dirs=[tmp_path / "a", tmp_path / "b"], key=key)
+    assert (tmp_path / "a" / f"{key}.npy").exists() and (tmp_path / "b" / f"{key}.npy").exists()
+    again = reference.precompute(None, None, pairs, batch_size=5, pad_token_id=0, cache_dirs=[tmp_path / "b"],
+                                 key=key)  # no model: must come from the cache
+    np.testing.assert_array_equal(again, table)
+    assert reference.cache_key(ref_params, random_pairs(12, seed=1), jnp.float32) != key
+
+    batches = BatchIterator(pairs, global_batch_size=4, pad_token_id=0, seed=1)
+    batch = batches.batch(0, 2)
+    live_fn, live_state, live_ref = setup(checkpoint[0], ref_path=other_checkpoint)
+    _, live = live_fn(live_state, live_ref, batch)
+    batches.ref_logps = table
+    batch = batches.batch(0, 2)
+    fn, state, _ = setup(checkpoint[0], ref_path=other_checkpoint)
+    _, pre = fn(state, None, batch)
+    for k in live:
+        np.testing.assert_allclose(float(pre[k]), float(live[k]), rtol=1e-6, atol=1e-6, err_msg=k)

@@ -1,0 +1,82 @@
+"""Precomputed reference log-probs (`precompute_ref_log_probs`): one pass of the reference model over the
+data before training, stored under a key that hashes the reference weights, the compute dtype, and the
+tokenized data with its truncation; reused on resume and by any later run with the same three.
+
+The table is float32 [n_pairs, 2] (chosen, rejected), indexed like `batching.Pairs`; `BatchIterator` attaches
+the rows of each batch as `ref_logps`, and the step then needs no reference model in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .batching import BatchIterator, Pairs
+from .logps import sequence_logps
+
+CACHE_ENV = "DPO_JAX_CACHE"  # default: ~/.cache/dpo_jax
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "dpo_jax")) / "ref_logps"
+
+
+def params_fingerprint(params: nnx.State) -> str:
+    """A hash of every parameter's path, dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=10)
+    for path, leaf in sorted(nnx.to_flat_state(params), key=lambda kv: str(kv[0])):
+        value = np.asarray(leaf.get_value() if hasattr(leaf, "get_value") else leaf)
+        h.update(f"{path}:{value.dtype}:{value.shape}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def cache_key(ref_params: nnx.State, pairs: Pairs, compute_dtype) -> str:
+    return f"{params_fingerprint(ref_params)}-{pairs.fingerprint}-{jnp.dtype(compute_dtype).name}"
+
+
+def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_token_id: int,
+               chunk: int | None = None, cache_dirs: list[Path] = (), key: str | None = None) -> np.ndarray:
+    """The reference's (chosen, rejected) log-probs of every pair: read from the first cache directory that has
+    `key`, else computed in one ordered pass and written to every cache directory (atomically)."""
+    for d in cache_dirs:
+        path = Path(d) / f"{key}.npy"
+        if key and path.exists():
+            table = np.load(path)
+            if table.shape == (len(pairs), 2):
+                return table
+    batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False)
+    step = jax.jit(functools.partial(_ref_logps, ref_graphdef, chunk=chunk))
+    table = np.zeros((len(pairs), 2), np.float32)
+    for s in range(batches.steps_per_epoch):
+        batch = batches.batch(0, s)
+        values = np.asarray(step(ref_params, {k: v for k, v in batch.items() if k != "index"}))
+        real = batch["index"] >= 0
+        table[batch["index"][real]] = values[real]
+    for d in cache_dirs:
+        if key:
+            _save(Path(d) / f"{key}.npy", table)
+    return table
+
+
+def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:
+    rows = [batch[k].reshape(-1, batch[k].shape[-1])
+            for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")]
+    out = sequence_logps(nnx.merge(graphdef, params), *rows, chunk=chunk)
+    return out["logps"].reshape(-1, 2)
+
+
+def _save(path: Path, table: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref_logps.", suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, table)
+    os.replace(tmp, path)

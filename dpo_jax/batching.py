@@ -27,6 +27,7 @@ from .formats import validate
 from .preprocess import tokenize
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
+LAYOUTS = ("pairs", "shared_prefix")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,21 @@ class Pairs:
     def pair_length(self) -> np.ndarray:
         """The longer of chosen and rejected, per pair: the length the pair needs in a batch."""
         return np.maximum(self.length["chosen"], self.length["rejected"])
+
+    @property
+    def shared_length(self) -> np.ndarray:
+        """Length of the prompt-sharing row of each pair: prompt + chosen + rejected, as truncated."""
+        return self.length["chosen"] + self.length["rejected"] - np.minimum(self.prompt_length, self.length["chosen"])
+
+    def shared_row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pair i as one row, prompt + chosen + rejected, and each token's branch (0 prompt, 1 chosen,
+        2 rejected); the tokens are exactly those of `sequence(i, ...)` (keep_start truncation only)."""
+        chosen, chosen_mask = self.sequence(i, "chosen")
+        rejected, rejected_mask = self.sequence(i, "rejected")
+        prompt = int((chosen_mask == 0).sum())
+        ids = np.concatenate([chosen, rejected[prompt:]])
+        branch = np.concatenate([np.where(chosen_mask == 1, 1, 0), np.full(len(rejected) - prompt, 2)])
+        return ids, branch.astype(np.int32)
 
     def sequence(self, i: int, which: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and completion mask of pair i's chosen or rejected sequence, truncated."""
@@ -179,7 +195,7 @@ class BatchIterator:
 
     def __init__(self, pairs: Pairs, *, global_batch_size: int, pad_token_id: int, seed: int = 42,
                  shuffle: bool = True, buckets: tuple[int, ...] | None = None, num_buckets: int = 4,
-                 multiple: int = 16, process_index: int = 0, process_count: int = 1):
+                 multiple: int = 16, process_index: int = 0, process_count: int = 1, layout: str = "pairs"):
         if global_batch_size % process_count:
             raise UserError(f"the global batch of {global_batch_size} pairs does not divide over {process_count} "
                             f"processes; choose a batch size that is a multiple of {process_count}")
@@ -187,17 +203,24 @@ class BatchIterator:
             raise UserError("the tokenizer has neither a pad token nor an EOS token to pad with; set tokenizer.pad_token")
         if len(pairs) == 0:
             raise UserError("no preference pairs are left to batch (see the data audit for why they were dropped)")
+        if layout not in LAYOUTS:
+            raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if layout == "shared_prefix" and pairs.truncation.truncation_mode != "keep_start":
+            raise UserError("prefix sharing needs truncation_mode keep_start: keep_end can cut chosen and rejected "
+                            "prompts differently")
+        self.layout = layout
+        self.lengths = pairs.pair_length if layout == "pairs" else pairs.shared_length
         self.pairs, self.batch_size, self.pad = pairs, global_batch_size, pad_token_id
         self.seed, self.shuffle, self._orders = seed, shuffle, {}
         self.ref_logps: np.ndarray | None = None  # set to attach precomputed reference log-probs to batches
         self.local = slice(process_index * global_batch_size // process_count,
                            (process_index + 1) * global_batch_size // process_count)
         self.steps_per_epoch = -(-len(pairs) // global_batch_size)
-        self.buckets = tuple(sorted(buckets or choose_buckets(
-            self.batch_lengths(0), num_buckets, multiple, pairs.truncation.max_length)))
-        if self.buckets[-1] < pairs.pair_length.max():
+        cap = pairs.truncation.max_length and (pairs.truncation.max_length * (1 if layout == "pairs" else 2))
+        self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
+        if self.buckets[-1] < self.lengths.max():
             raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "
-                            f"({pairs.pair_length.max()} tokens); give buckets up to max_length")
+                            f"({self.lengths.max()} tokens); give buckets up to max_length")
         self.epoch, self.step = 0, 0
 
     def order(self, epoch: int) -> np.ndarray:
@@ -212,7 +235,7 @@ class BatchIterator:
     def batch_lengths(self, epoch: int) -> np.ndarray:
         """The longest pair of every global batch of an epoch."""
         order = self.order(epoch).reshape(self.steps_per_epoch, self.batch_size)
-        lengths = np.where(order >= 0, self.pairs.pair_length[np.maximum(order, 0)], 0)
+        lengths = np.where(order >= 0, self.lengths[np.maximum(order, 0)], 0)
         return lengths.max(axis=1)
 
     def bucket_for(self, length: int) -> int:
@@ -221,8 +244,10 @@ class BatchIterator:
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch `step` of `epoch`."""
         indices = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
-        length = self.bucket_for(int(self.pairs.pair_length[indices[indices >= 0]].max()))
+        length = self.bucket_for(int(self.lengths[indices[indices >= 0]].max()))
         local = indices[self.local]
+        if self.layout == "shared_prefix":
+            return self._shared_batch(local, length)
         shape = (len(local), 2, length)
         out = {"input_ids": np.full(shape, self.pad, np.int32), "attention_mask": np.zeros(shape, np.int32),
                "completion_mask": np.zeros(shape, np.int32), "pair_mask": (local >= 0).astype(np.int32),
@@ -240,6 +265,26 @@ class BatchIterator:
             out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
         return out
 
+    def _shared_batch(self, local: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """One row per pair: prompt, chosen, rejected; `branch` says which (-1 padding); positions restart
+        after the prompt for the rejected tokens, which the step's mask keeps from seeing the chosen ones."""
+        shape = (len(local), length)
+        out = {"input_ids": np.full(shape, self.pad, np.int32), "branch": np.full(shape, -1, np.int32),
+               "position_ids": np.zeros(shape, np.int32), "pair_mask": (local >= 0).astype(np.int32),
+               "index": local.astype(np.int32)}
+        for r, i in enumerate(local):
+            if i < 0:
+                continue
+            ids, branch = self.pairs.shared_row(int(i))
+            prompt, chosen = int((branch == 0).sum()), int((branch == 1).sum())
+            out["input_ids"][r, :len(ids)] = ids
+            out["branch"][r, :len(ids)] = branch
+            out["position_ids"][r, :len(ids)] = np.concatenate(
+                [np.arange(prompt + chosen), prompt + np.arange(len(ids) - prompt - chosen)])
+        if self.ref_logps is not None:
+            out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
+        return out
+
     def __iter__(self):
         return self
 
@@ -251,7 +296,7 @@ class BatchIterator:
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "shuffle": self.shuffle,
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "shuffle": self.shuffle, "layout": self.layout,
                 "batch_size": self.batch_size, "buckets": list(self.buckets), "fingerprint": self.pairs.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
@@ -260,7 +305,8 @@ class BatchIterator:
         if missing:
             raise UserError(f"the saved data position lacks {', '.join(missing)}: it was not written by this "
                             f"version of dpo-jax, or the checkpoint is damaged.")
-        changed = [k for k in ("seed", "shuffle", "batch_size", "buckets", "fingerprint") if state[k] != mine[k]]
+        changed = [k for k in ("seed", "shuffle", "layout", "batch_size", "buckets", "fingerprint")
+                   if state[k] != mine[k]]
         if changed:
             raise UserError(f"the saved data position does not fit this run: {', '.join(changed)} changed since it "
                             f"was saved. Resume with the same data, tokenizer, truncation, batch size and seed.")

@@ -5,8 +5,9 @@ chunk under `jax.checkpoint`, so the forward pass holds one chunk's [N, C, V] lo
 backward pass recomputes them chunk by chunk instead of keeping them all. Everything after the head's matmul
 is float32, whatever the compute dtype.
 
-The log-prob of token t is read from the logits at t - 1, and only where `completion_mask[t]` is 1 (as TRL's
-`completion_mask[..., 1:]`): a completion's first token is not counted when the prompt is empty.
+The log-prob of token t is read from the logits at its source position (t - 1, or for prompt-sharing rows
+the prompt's last position for the first rejected token), and only for completion tokens that have one (as
+TRL's `completion_mask[..., 1:]`: a completion's first token is not counted when the prompt is empty).
 """
 
 from __future__ import annotations
@@ -28,13 +29,48 @@ def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Arra
                    chunk: int | None = None) -> dict[str, jax.Array]:
     """Per sequence, float32 [N]: `logps` (sum of completion-token log-probs), `tokens` (how many), and
     `logit_sum` (sum over those tokens of the mean logit over the vocabulary, for TRL's logits/* metrics)."""
-    n, t = input_ids_NxT.shape
+    t = input_ids_NxT.shape[1]
     hidden_NxTxD = model.hidden_states(input_ids_NxT, attention_mask_NxT, positions_NxT)
-    targets_NxT = jnp.roll(input_ids_NxT, -1, axis=1)  # position t predicts token t + 1
+    source_NxT = jnp.broadcast_to(jnp.arange(t) - 1, input_ids_NxT.shape)  # token t is predicted at t - 1
+    valid_NxT = (completion_mask_NxT == 1) & (source_NxT >= 0)
+    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, chunk)
+    mask = valid_NxT.astype(logp.dtype)
+    return {"logps": (logp * mask).sum(-1), "tokens": mask.sum(-1), "logit_sum": (mean_logit * mask).sum(-1)}
+
+
+def shared_prefix_mask(branch_NxT: jax.Array) -> jax.Array:
+    """[N, T, T] attention of prompt-sharing rows: causal, and a chosen (1) or rejected (2) token sees the prompt
+    (0) and its own branch only; padding (-1) sees and is seen by nothing."""
+    t = branch_NxT.shape[1]
+    q, k = branch_NxT[:, :, None], branch_NxT[:, None, :]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    return causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+
+
+def shared_prefix_logps(model, input_ids_NxT: jax.Array, branch_NxT: jax.Array, positions_NxT: jax.Array,
+                        chunk: int | None = None) -> dict[str, jax.Array]:
+    """As `sequence_logps`, for rows holding prompt + chosen + rejected (see batching.py); results are [N, 2]
+    (chosen, rejected). The prompt is computed once; the first rejected token is predicted from the prompt's
+    last position, as in its own sequence."""
+    t = input_ids_NxT.shape[1]
+    hidden_NxTxD = model.hidden_states(input_ids_NxT, shared_prefix_mask(branch_NxT), positions_NxT)
+    prompt_N = (branch_NxT == 0).sum(-1, keepdims=True)
+    first_rejected_N = prompt_N + (branch_NxT == 1).sum(-1, keepdims=True)
+    index_T = jnp.arange(t)[None]
+    source_NxT = jnp.where((branch_NxT == 2) & (index_T == first_rejected_N), prompt_N - 1, index_T - 1)
+    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, chunk)
+    out = {}
+    for name, value in (("logps", logp), ("tokens", jnp.ones_like(logp)), ("logit_sum", mean_logit)):
+        out[name] = jnp.stack([(value * ((branch_NxT == b) & (source_NxT >= 0))).sum(-1) for b in (1, 2)], -1)
+    return out
+
+
+def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
+    """log p(targets[t]) and the mean logit, both from the logits at position source[t]; [N, T] each."""
+    n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
-    mask_NxT = jnp.roll(completion_mask_NxT, -1, axis=1).at[:, -1].set(0).astype(wide)
-    vocab = model.config.vocab_size
-    c = chunk or chunk_length(t, n, vocab)
+    hidden_NxTxD = jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1)
+    c = chunk or chunk_length(t, n, model.config.vocab_size)
     k = t // c
 
     @jax.checkpoint
@@ -43,10 +79,6 @@ def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Arra
         target_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
         return target_NxC - jax.nn.logsumexp(logits_NxCxV, axis=-1), logits_NxCxV.mean(axis=-1)
 
-    chunks_KxNxCxD = hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1)
-    token_logp, mean_logit = jax.lax.map(lambda xs: head(*xs),
-                                         (chunks_KxNxCxD, targets_NxT.reshape(n, k, c).swapaxes(0, 1)))
-    token_logp_NxT = token_logp.swapaxes(0, 1).reshape(n, t)
-    mean_logit_NxT = mean_logit.swapaxes(0, 1).reshape(n, t)
-    return {"logps": (token_logp_NxT * mask_NxT).sum(-1), "tokens": mask_NxT.sum(-1),
-            "logit_sum": (mean_logit_NxT * mask_NxT).sum(-1)}
+    token_logp, mean_logit = jax.lax.map(lambda xs: head(*xs), (hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1),
+                                                                  targets_NxT.reshape(n, k, c).swapaxes(0, 1)))
+    return token_logp.swapaxes(0, 1).reshape(n, t), mean_logit.swapaxes(0, 1).reshape(n, t)

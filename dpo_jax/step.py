@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import losses, sharding
 from .errors import UserError
-from .logps import sequence_logps
+from .logps import sequence_logps, shared_prefix_logps
 from .losses import LossConfig, PairLogps
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -108,16 +108,20 @@ def _rows(batch: dict) -> tuple:
 
 def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: StepConfig):
     """PairLogps of a (micro-)batch and the per-pair logit sums (chosen, rejected)."""
-    rows = _rows(batch)
-    policy = sequence_logps(nnx.merge(graphdef, params), *rows, chunk=cfg.chunk)
     b = batch["input_ids"].shape[0]
-    pol = {k: v.reshape(b, 2) for k, v in policy.items()}
+    if "branch" in batch:  # one prompt-sharing row per pair
+        rows = (batch["input_ids"], batch["branch"], batch["position_ids"])
+        forward = shared_prefix_logps
+    else:
+        rows = _rows(batch)
+        forward = sequence_logps
+    pol = {k: v.reshape(b, 2) for k, v in forward(nnx.merge(graphdef, params), *rows, chunk=cfg.chunk).items()}
     if "ref_logps" in batch:
         ref = batch["ref_logps"].astype(pol["logps"].dtype)
     elif cfg.loss.reference_free or ref_params is None:
         ref = jnp.zeros((b, 2), pol["logps"].dtype)
     else:
-        ref_out = sequence_logps(nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params)), *rows, chunk=cfg.chunk)
+        ref_out = forward(nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params)), *rows, chunk=cfg.chunk)
         ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
     p = PairLogps(chosen=pol["logps"][:, 0], rejected=pol["logps"][:, 1], ref_chosen=ref[:, 0],
                   ref_rejected=ref[:, 1], chosen_tokens=pol["tokens"][:, 0], rejected_tokens=pol["tokens"][:, 1])
@@ -127,7 +131,12 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
 def batch_counts(batch: dict) -> dict[str, jax.Array]:
     """Denominators of the losses, from the whole global batch: real pairs and their chosen target tokens."""
     pair_mask = batch["pair_mask"].astype(jnp.float32)
-    chosen_targets = batch["completion_mask"][:, 0, 1:].sum(-1).astype(jnp.float32)
+    if "branch" in batch:
+        branch = batch["branch"]
+        has_source = (branch == 0).any(-1, keepdims=True) | (jnp.arange(branch.shape[1]) > 0)
+        chosen_targets = ((branch == 1) & has_source).sum(-1).astype(jnp.float32)
+    else:
+        chosen_targets = batch["completion_mask"][:, 0, 1:].sum(-1).astype(jnp.float32)
     return {"pairs": pair_mask.sum(), "chosen_tokens": (chosen_targets * pair_mask).sum()}
 
 

@@ -51,6 +51,7 @@ class StepConfig:
     gradient_accumulation_steps: int = 1
     chunk: int | None = None  # positions per head chunk in logps.py (None: from a memory budget)
     gradient_checkpointing: bool = True  # recompute each decoder block in the backward pass (TRL's default)
+    lora: bool = False  # params are LoRA adapters and ref_params the frozen base (see lora.py)
 
 
 class TrainState(NamedTuple):
@@ -115,13 +116,20 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
     else:
         rows = _rows(batch)
         forward = sequence_logps
-    pol = {k: v.reshape(b, 2) for k, v in forward(nnx.merge(graphdef, params), *rows, chunk=cfg.chunk).items()}
+    if cfg.lora:  # the policy is base + adapters; the reference the same base with the adapters zeroed
+        base = jax.lax.stop_gradient(ref_params)
+        policy_model = nnx.merge(graphdef, params, base)
+        ref_model = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), base)
+    else:
+        policy_model = nnx.merge(graphdef, params)
+        ref_model = None if ref_params is None else nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params))
+    pol = {k: v.reshape(b, 2) for k, v in forward(policy_model, *rows, chunk=cfg.chunk).items()}
     if "ref_logps" in batch:
         ref = batch["ref_logps"].astype(pol["logps"].dtype)
-    elif cfg.loss.reference_free or ref_params is None:
+    elif cfg.loss.reference_free or ref_model is None:
         ref = jnp.zeros((b, 2), pol["logps"].dtype)
     else:
-        ref_out = forward(nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params)), *rows, chunk=cfg.chunk)
+        ref_out = forward(ref_model, *rows, chunk=cfg.chunk)
         ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
     p = PairLogps(chosen=pol["logps"][:, 0], rejected=pol["logps"][:, 1], ref_chosen=ref[:, 0],
                   ref_rejected=ref[:, 1], chosen_tokens=pol["tokens"][:, 0], rejected_tokens=pol["tokens"][:, 1])

@@ -267,3 +267,41 @@ def test_prefix_sharing_equals_separate_sequences(arch, tmp_path):
     np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_trains_only_adapters_and_its_reference_is_the_base(checkpoint, tmp_path):
+    from dpo_jax import lora
+
+    path, _ = checkpoint
+    cfg = S.StepConfig(lora=True)
+    model = lora.apply_lora(load(path), rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    graphdef, adapters, base = lora.split_lora(model, cfg.gradient_checkpointing)
+    assert len(jax.tree.leaves(adapters)) == 2 * 3 * 3  # A and B on 3 kinds of layer in 3 layers
+    tx = S.make_optimizer(S.OptimConfig(learning_rate=1e-2, lr_scheduler_type="constant"), 10)
+    state = S.init_state(adapters, tx)
+    assert {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim} <= {a.shape for a in jax.tree.leaves(adapters)}
+    fn = S.compile_train_step(graphdef, None, cfg, tx, None, state, base)
+    before = jax.tree.map(np.array, base)
+    state, metrics = fn(state, base, make_batch())
+    np.testing.assert_allclose(float(metrics["loss"]), np.log(2), rtol=1e-6)  # B = 0: policy is the base
+    assert float(metrics["rewards/accuracies"]) == 0.0
+    for seed in range(1, 4):
+        state, metrics = fn(state, base, make_batch(seed=seed))
+    assert float(metrics["rewards/margins"]) != 0.0
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(base)))
+
+    # the adapted model is the base model with kernel W + (alpha / r) A B, against transformers' numbers
+    merged = load(path)
+    _, merged_params = nnx.split(merged, nnx.Param)
+    for layer in range(3):
+        for module, name in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")):
+            ad = state.params["layers"][layer][module][name]
+            kernel = merged_params["layers"][layer][module][name]["kernel"]
+            kernel.set_value(kernel.get_value() + 2.0 * ad["lora_a"].get_value() @ ad["lora_b"].get_value())
+    nnx.update(merged, merged_params)
+    batch = make_batch(seed=9)
+    adapted = nnx.merge(graphdef, state.params, base)
+    rows = [jnp.asarray(batch[k].reshape(-1, 16)) for k in ("input_ids", "attention_mask", "completion_mask",
+                                                             "position_ids")]
+    np.testing.assert_allclose(sequence_logps(adapted, *rows)["logps"], sequence_logps(merged, *rows)["logps"],
+                               rtol=1e-5, atol=1e-4)

@@ -37,11 +37,18 @@ class Linear(nnx.Module):
         self.kernel = param(rngs, nnx.initializers.lecun_normal(), (d_in, d_out), param_dtype, axes)
         self.bias = param(rngs, nnx.initializers.zeros, (d_out,), param_dtype, axes[1:]) if bias else None
         self.dtype = dtype
+        self.lora_a = nnx.data(None)  # LoRA adapters [in, r] and [r, out], added by lora.apply_lora
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            y = y + self.lora_scale * jnp.dot(jnp.dot(x, self.lora_a[...].astype(self.dtype)),
+                                              self.lora_b[...].astype(self.dtype))
         return y
 
 

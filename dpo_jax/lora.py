@@ -1,0 +1,62 @@
+"""LoRA: low-rank adapters on the model's linear layers, trained while the base weights stay frozen.
+
+`apply_lora` gives each targeted `Linear` a pair A [in, r] (PEFT's initialisation: uniform in
++-1/sqrt(in)) and B [r, out] (zeros), and its output gains (alpha / r) * x A B; with B = 0 the model is the
+base model exactly. The adapters are `nnx.LoRAParam`s, so `split_lora` separates them from the base weights:
+the optimizer sees only the adapters, and the reference is the same base weights with the adapters zeroed,
+so no second copy of the model is kept. Adapter dropout is not supported yet (lora_dropout must be 0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .errors import UserError
+from .models.layers import Linear
+
+ALL_LINEAR = "all-linear"  # every Linear but the output head, as PEFT's "all-linear"
+DEFAULT_TARGETS = {"gpt2": ("c_attn",)}  # else PEFT's default for Llama-style models
+LLAMA_DEFAULT = ("q_proj", "v_proj")
+
+
+def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.0, seed: int = 0):
+    """Add adapters of rank `rank` to the Linear layers named in `targets` (default: PEFT's per family)."""
+    if dropout:
+        raise UserError(f"lora_dropout={dropout}: adapter dropout is not supported yet; use lora_dropout 0")
+    if rank < 1:
+        raise UserError(f"lora_r must be at least 1, not {rank}")
+    model_type = getattr(model.config, "model_type", "")
+    targets = targets or DEFAULT_TARGETS.get(model_type, LLAMA_DEFAULT)
+    linears = [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, Linear) and path]
+    names = {str(path[-1]) for path, _ in linears}
+    if targets != ALL_LINEAR and not isinstance(targets, str):
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise UserError(f"lora_target_modules: no linear layer named {', '.join(unknown)}; this model has "
+                            f"{', '.join(sorted(names))} (or use {ALL_LINEAR})")
+    key = jax.random.key(seed)
+    count = 0
+    for path, linear in linears:
+        name = str(path[-1])
+        if name == "lm_head" or (targets != ALL_LINEAR and name not in targets):
+            continue
+        d_in, d_out = linear.kernel.shape
+        axes = linear.kernel.get_metadata().get("out_sharding") or (None, None)
+        bound = 1.0 / jnp.sqrt(d_in)
+        a = jax.random.uniform(jax.random.fold_in(key, count), (d_in, rank), linear.kernel[...].dtype, -bound, bound)
+        linear.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
+        linear.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), linear.kernel[...].dtype),
+                                      out_sharding=(None, axes[1]), eager_sharding=False)
+        linear.lora_scale = alpha / rank
+        count += 1
+    if not count:
+        raise UserError("lora_target_modules matched no linear layer")
+    return model
+
+
+def split_lora(model, gradient_checkpointing: bool = True):
+    """(graphdef, adapters, base weights) of a model with adapters."""
+    model.remat = gradient_checkpointing
+    return nnx.split(model, nnx.LoRAParam, nnx.Param)

@@ -62,8 +62,9 @@ class TrainState(NamedTuple):
     nonfinite_total: jax.Array
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with the schedule; weight decay on parameters with 2+ dimensions."""
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate per step, as transformers' get_scheduler: linear warmup from 0, then constant, linear
+    decay to 0 or a half-cosine to 0 at `total_steps`."""
     if cfg.lr_scheduler_type not in SCHEDULES:
         raise UserError(f"lr_scheduler_type must be one of {', '.join(SCHEDULES)}, not {cfg.lr_scheduler_type!r}")
     warmup = cfg.warmup_steps or int(-(-cfg.warmup_ratio * total_steps // 1))
@@ -71,9 +72,13 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     after = {"constant": optax.constant_schedule(lr), "constant_with_warmup": optax.constant_schedule(lr),
              "linear": optax.linear_schedule(lr, 0.0, decay_steps),
              "cosine": optax.cosine_decay_schedule(lr, decay_steps)}[cfg.lr_scheduler_type]
-    schedule = after if cfg.lr_scheduler_type == "constant" or warmup == 0 else optax.join_schedules(
+    return after if cfg.lr_scheduler_type == "constant" or warmup == 0 else optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-    adamw = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule; weight decay on parameters with 2+ dimensions."""
+    adamw = optax.adamw(make_schedule(cfg, total_steps), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                         weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
     clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity()
     return optax.chain(clip, adamw)
@@ -98,6 +103,15 @@ def split_reference(model):
     """(graphdef, params) of the frozen reference (never rematerialised: it has no backward pass)."""
     model.remat = False
     return nnx.split(model, nnx.Param)
+
+
+def check_finite(metrics: dict, max_nonfinite_steps: int) -> None:
+    """Host side, after a step: stop when `max_nonfinite_steps` steps in a row were skipped as not finite."""
+    run = int(metrics["nonfinite_run"])
+    if run >= max_nonfinite_steps:
+        raise UserError(f"the loss or gradients were not finite in the last {run} steps in a row, which were not "
+                        f"applied; training stopped. Lower the learning rate, check the data (audit), train in "
+                        f"float32 instead of bfloat16, or raise max_nonfinite_steps.")
 
 
 # ------------------------------------------------------------------------------------------------ the maths

@@ -6,6 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 import torch
+import transformers
 from flax import nnx
 
 import tiny_models
@@ -305,3 +306,46 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(checkpoint, tmp
                                                              "position_ids")]
     np.testing.assert_allclose(sequence_logps(adapted, *rows)["logps"], sequence_logps(merged, *rows)["logps"],
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "linear", "cosine"])
+def test_learning_rate_schedules_equal_transformers(kind):
+    """Our optax schedule against transformers' own scheduler (what TRL users get) on a torch optimizer."""
+    total, warmup = 20, 4
+    schedule = S.make_schedule(S.OptimConfig(learning_rate=0.5, lr_scheduler_type=kind,
+                                             warmup_steps=0 if kind == "constant" else warmup), total)
+    torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = transformers.get_scheduler(kind, torch_opt, num_warmup_steps=0 if kind == "constant" else warmup,
+                                       num_training_steps=total)
+    for step in range(total):
+        # optax evaluates in float32, transformers in float64: agree to float32 resolution of the peak rate
+        np.testing.assert_allclose(float(schedule(step)), sched.get_last_lr()[0], rtol=1e-6,
+                                   atol=0.5 * np.finfo(np.float32).eps, err_msg=f"step {step}")
+        torch_opt.step()
+        sched.step()
+
+
+def test_bfloat16_compute_with_float32_master_weights(checkpoint):
+    """bf16 matmuls, float32 parameters and log-probs: the loss stays within bf16 rounding of float32's."""
+    path, _ = checkpoint
+    batch = make_batch()
+    out = {}
+    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+        graphdef, params = S.split_policy(load(path, dtype=dtype, param_dtype=jnp.float32), True)
+        ref_graphdef, ref = S.split_reference(load(path, dtype=dtype, param_dtype=jnp.float32))
+        params = jax.tree.map(lambda x: x * 1.05, params)
+        tx = S.make_optimizer(S.OptimConfig(), 10)
+        state = S.init_state(params, tx)
+        new_state, metrics = S.compile_train_step(graphdef, ref_graphdef, S.StepConfig(), tx, None, state, ref)(
+            state, ref, batch)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
+        out[name] = metrics
+    assert out["bf16"]["logps/chosen"].dtype == jnp.float32
+    np.testing.assert_allclose(float(out["bf16"]["loss"]), float(out["f32"]["loss"]), rtol=2e-2)
+    np.testing.assert_allclose(float(out["bf16"]["logps/chosen"]), float(out["f32"]["logps/chosen"]), rtol=2e-2)
+
+
+def test_check_finite_stops_after_the_configured_run():
+    S.check_finite({"nonfinite_run": 2}, 3)
+    with pytest.raises(Exception, match="not finite in the last 3 steps in a row"):
+        S.check_finite({"nonfinite_run": 3}, 3)

@@ -19,9 +19,8 @@ CHUNK_BYTES = 256 * 2**20  # float32 logits held per chunk, summed over the rows
 
 
 def chunk_length(length: int, rows: int, vocab: int, budget: int = CHUNK_BYTES) -> int:
-    """The largest divisor of `length` whose [rows, C, vocab] float32 logits fit in `budget` bytes (at least 1)."""
-    limit = max(1, budget // (4 * rows * vocab))
-    return max(c for c in range(1, length + 1) if length % c == 0 and (c <= limit or c == 1))
+    """Positions per chunk: as many as keep [rows, C, vocab] float32 logits within `budget` bytes."""
+    return max(1, min(length, budget // (4 * rows * vocab)))
 
 
 def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Array,
@@ -70,8 +69,11 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
     n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
     hidden_NxTxD = jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1)
-    c = chunk or chunk_length(t, n, model.config.vocab_size)
-    k = t // c
+    c = min(chunk or chunk_length(t, n, model.config.vocab_size), t)
+    k = -(-t // c)
+    if k * c != t:  # pad the sequence to whole chunks; the padded positions are dropped below
+        hidden_NxTxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, k * c - t), (0, 0)))
+        targets_NxT = jnp.pad(targets_NxT, ((0, 0), (0, k * c - t)))
 
     @jax.checkpoint
     def head(hidden_NxCxD, targets_NxC):
@@ -81,4 +83,4 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
 
     token_logp, mean_logit = jax.lax.map(lambda xs: head(*xs), (hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1),
                                                                   targets_NxT.reshape(n, k, c).swapaxes(0, 1)))
-    return token_logp.swapaxes(0, 1).reshape(n, t), mean_logit.swapaxes(0, 1).reshape(n, t)
+    return (token_logp.swapaxes(0, 1).reshape(n, k * c)[:, :t], mean_logit.swapaxes(0, 1).reshape(n, k * c)[:, :t])

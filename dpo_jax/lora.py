@@ -9,10 +9,13 @@ so no second copy of the model is kept. Adapter dropout is not supported yet (lo
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import sharding
 from .errors import UserError
 from .models.layers import Linear
 
@@ -31,11 +34,14 @@ def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.
     targets = targets or DEFAULT_TARGETS.get(model_type, LLAMA_DEFAULT)
     linears = [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, Linear) and path]
     names = {str(path[-1]) for path, _ in linears}
-    if targets != ALL_LINEAR and not isinstance(targets, str):
+    if isinstance(targets, str) and targets != ALL_LINEAR:  # as PEFT: a string is a regular expression
+        pattern = re.compile(targets)
+        targets = tuple(n for n in names if pattern.fullmatch(n))
+    if targets != ALL_LINEAR:
         unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise UserError(f"lora_target_modules: no linear layer named {', '.join(unknown)}; this model has "
-                            f"{', '.join(sorted(names))} (or use {ALL_LINEAR})")
+        if unknown or not targets:
+            raise UserError(f"lora_target_modules: no linear layer named {', '.join(unknown) or 'by it'}; this model "
+                            f"has {', '.join(sorted(names))} (or use {ALL_LINEAR})")
     key = jax.random.key(seed)
     count = 0
     for path, linear in linears:
@@ -46,9 +52,13 @@ def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.
         axes = linear.kernel.get_metadata().get("out_sharding") or (None, None)
         bound = 1.0 / jnp.sqrt(d_in)
         a = jax.random.uniform(jax.random.fold_in(key, count), (d_in, rank), linear.kernel[...].dtype, -bound, bound)
+        b = jnp.zeros((rank, d_out), linear.kernel[...].dtype)
+        placed = getattr(linear.kernel[...], "sharding", None)
+        if isinstance(placed, jax.sharding.NamedSharding):  # the model is on a mesh: the adapters go there too
+            a = jax.device_put(a, sharding.param_sharding((axes[0], None), a.shape, placed.mesh))
+            b = jax.device_put(b, sharding.param_sharding((None, axes[1]), b.shape, placed.mesh))
         linear.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
-        linear.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), linear.kernel[...].dtype),
-                                      out_sharding=(None, axes[1]), eager_sharding=False)
+        linear.lora_b = nnx.LoRAParam(b, out_sharding=(None, axes[1]), eager_sharding=False)
         linear.lora_scale = alpha / rank
         count += 1
     if not count:

@@ -27,8 +27,11 @@ class PairLogps:
     rejected: jax.Array
     ref_chosen: jax.Array  # ref_w: the same under the reference (zeros when reference-free)
     ref_rejected: jax.Array
-    chosen_tokens: jax.Array  # n_w: completion tokens counted in pi_w
+    chosen_tokens: jax.Array  # completion tokens counted in pi_w (a completion's first token only with a prompt)
     rejected_tokens: jax.Array
+    chosen_length: jax.Array | None = None  # n_w: all completion tokens (TRL's completion_mask.sum), for ipo and
+    rejected_length: jax.Array | None = None  # sigmoid_norm; None: the counted tokens
+    mask: jax.Array | None = None  # 1 for real pairs, 0 for filler; None: all real
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,7 @@ def hinge(p: PairLogps, c: LossConfig) -> jax.Array:
 
 def ipo(p: PairLogps, c: LossConfig) -> jax.Array:
     """IPO, length-averaged (TRL v1, confirmed with the IPO authors): (rho_w/n_w - rho_l/n_l - 1/(2 beta))^2."""
-    d = _ratio(p, "chosen") / jnp.maximum(p.chosen_tokens, 1) - _ratio(p, "rejected") / jnp.maximum(p.rejected_tokens, 1)
-    return (d - 1 / (2 * c.beta)) ** 2
+    return (_length_normalised_delta(p) - 1 / (2 * c.beta)) ** 2
 
 
 def exo_pair(p: PairLogps, c: LossConfig) -> jax.Array:
@@ -119,16 +121,25 @@ def sppo_hard(p: PairLogps, c: LossConfig) -> jax.Array:
 
 
 def aot(p: PairLogps, c: LossConfig) -> jax.Array:
-    """AOT (paired): with u = sort(pi_w - pi_l) - sort(ref_w - ref_l) over the batch,
+    """AOT (paired): with u = sort(pi_w - pi_l) - sort(ref_w - ref_l) over the real pairs of the batch,
     -(1 - eps) log s(beta u) - eps log s(-beta u). Sorting couples the pairs of a (micro-)batch."""
-    u = jnp.sort(p.chosen - p.rejected) - jnp.sort(p.ref_chosen - p.ref_rejected)
-    return -(1 - c.label_smoothing) * log_sigmoid(c.beta * u) - c.label_smoothing * log_sigmoid(-c.beta * u)
+    return _sorted_loss(p.chosen - p.rejected, p.ref_chosen - p.ref_rejected, p, c)
 
 
 def aot_unpaired(p: PairLogps, c: LossConfig) -> jax.Array:
-    """AOT (unpaired): u = sort(rho_w) - sort(rho_l) over the batch, then as `aot`."""
-    u = jnp.sort(_ratio(p, "chosen")) - jnp.sort(_ratio(p, "rejected"))
-    return -(1 - c.label_smoothing) * log_sigmoid(c.beta * u) - c.label_smoothing * log_sigmoid(-c.beta * u)
+    """AOT (unpaired): u = sort(rho_w) - sort(rho_l) over the real pairs of the batch, then as `aot`."""
+    return _sorted_loss(_ratio(p, "chosen"), _ratio(p, "rejected"), p, c)
+
+
+def _sorted_loss(a: jax.Array, b: jax.Array, p: PairLogps, c: LossConfig) -> jax.Array:
+    """The AOT loss of rank r (sort(a)[r] - sort(b)[r]) given to the real pair of rank r in a; fillers sort
+    last (as +inf) and get 0, so they change nothing."""
+    real = jnp.ones_like(a, bool) if p.mask is None else p.mask > 0
+    a, b = jnp.where(real, a, jnp.inf), jnp.where(real, b, jnp.inf)
+    u = jnp.where(jnp.arange(a.shape[0]) < real.sum(), jnp.sort(a) - jnp.sort(b), 0.0)
+    ranked = -(1 - c.label_smoothing) * log_sigmoid(c.beta * u) - c.label_smoothing * log_sigmoid(-c.beta * u)
+    ranked = jnp.where(jnp.arange(a.shape[0]) < real.sum(), ranked, 0.0)
+    return jnp.zeros_like(ranked).at[jnp.argsort(a)].set(ranked)
 
 
 def apo_zero(p: PairLogps, c: LossConfig) -> jax.Array:
@@ -150,8 +161,7 @@ def discopop(p: PairLogps, c: LossConfig) -> jax.Array:
 
 def sigmoid_norm(p: PairLogps, c: LossConfig) -> jax.Array:
     """Length-normalised DPO: -log s(beta (rho_w/n_w - rho_l/n_l))."""
-    d = _ratio(p, "chosen") / jnp.maximum(p.chosen_tokens, 1) - _ratio(p, "rejected") / jnp.maximum(p.rejected_tokens, 1)
-    return -log_sigmoid(c.beta * d)
+    return -log_sigmoid(c.beta * _length_normalised_delta(p))
 
 
 def simpo(p: PairLogps, c: LossConfig) -> jax.Array:
@@ -169,6 +179,12 @@ def sft(p: PairLogps, c: LossConfig) -> jax.Array:
 
 def _ratio(p: PairLogps, which: str) -> jax.Array:
     return getattr(p, which) - getattr(p, f"ref_{which}")
+
+
+def _length_normalised_delta(p: PairLogps) -> jax.Array:
+    n_w = p.chosen_tokens if p.chosen_length is None else p.chosen_length
+    n_l = p.rejected_tokens if p.rejected_length is None else p.rejected_length
+    return _ratio(p, "chosen") / jnp.maximum(n_w, 1) - _ratio(p, "rejected") / jnp.maximum(n_l, 1)
 
 
 def _delta(p: PairLogps) -> jax.Array:

@@ -23,6 +23,7 @@ from .batching import BatchIterator, Pairs
 from .logps import sequence_logps
 
 CACHE_ENV = "DPO_JAX_CACHE"  # default: ~/.cache/dpo_jax
+FORMAT = "ref-logps-v1"  # part of every key: change it when the log-prob computation changes
 
 
 def default_cache_dir() -> Path:
@@ -39,8 +40,12 @@ def params_fingerprint(params: nnx.State) -> str:
     return h.hexdigest()
 
 
-def cache_key(ref_params: nnx.State, pairs: Pairs, compute_dtype) -> str:
-    return f"{params_fingerprint(ref_params)}-{pairs.fingerprint}-{jnp.dtype(compute_dtype).name}"
+def cache_key(ref_params: nnx.State, config, pairs: Pairs, compute_dtype) -> str:
+    """Hashes the weights, the model config (RoPE, norms, windows... change log-probs too), the tokenized and
+    truncated data (with BOS handling), the compute dtype and this computation's version."""
+    h = hashlib.blake2b(digest_size=10)
+    h.update(repr((FORMAT, repr(config), pairs.bos, jnp.dtype(compute_dtype).name)).encode())
+    return f"{params_fingerprint(ref_params)}-{pairs.fingerprint}-{h.hexdigest()}"
 
 
 def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_token_id: int,
@@ -51,7 +56,7 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
         path = Path(d) / f"{key}.npy"
         if key and path.exists():
             table = np.load(path)
-            if table.shape == (len(pairs), 2):
+            if table.shape == (len(pairs), 2) and table.dtype == np.float32 and np.isfinite(table).all():
                 return table
     batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False)
     step = jax.jit(functools.partial(_ref_logps, ref_graphdef, chunk=chunk))

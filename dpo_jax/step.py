@@ -138,15 +138,24 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
         policy_model = nnx.merge(graphdef, params)
         ref_model = None if ref_params is None else nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params))
     pol = {k: v.reshape(b, 2) for k, v in forward(policy_model, *rows, chunk=cfg.chunk).items()}
-    if "ref_logps" in batch:
-        ref = batch["ref_logps"].astype(pol["logps"].dtype)
-    elif cfg.loss.reference_free or ref_model is None:
+    if cfg.loss.reference_free or all(name in losses.REFERENCE_FREE for name, _ in cfg.loss.terms()):
         ref = jnp.zeros((b, 2), pol["logps"].dtype)
+    elif "ref_logps" in batch:
+        ref = batch["ref_logps"].astype(pol["logps"].dtype)
+    elif ref_model is None:
+        raise UserError("no reference: give reference parameters, precomputed ref_logps, or reference_free")
     else:
         ref_out = forward(ref_model, *rows, chunk=cfg.chunk)
         ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
+    if "branch" in batch:
+        length = jnp.stack([(batch["branch"] == s).sum(-1) for s in (1, 2)], -1)
+    else:
+        length = batch["completion_mask"].sum(-1)
+    length = length.astype(ref.dtype)
     p = PairLogps(chosen=pol["logps"][:, 0], rejected=pol["logps"][:, 1], ref_chosen=ref[:, 0],
-                  ref_rejected=ref[:, 1], chosen_tokens=pol["tokens"][:, 0], rejected_tokens=pol["tokens"][:, 1])
+                  ref_rejected=ref[:, 1], chosen_tokens=pol["tokens"][:, 0], rejected_tokens=pol["tokens"][:, 1],
+                  chosen_length=length[:, 0], rejected_length=length[:, 1],
+                  mask=batch["pair_mask"].astype(ref.dtype))
     return p, pol["logit_sum"]
 
 

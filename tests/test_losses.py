@@ -138,3 +138,30 @@ def test_bad_loss_options_are_errors():
         LossConfig(loss_type=("sigmoid", "sft"), loss_weights=(1.0,))
     with pytest.raises(UserError, match="robust loss needs label_smoothing"):
         LossConfig(loss_type=("robust",), label_smoothing=0.5)
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_sorting_losses_ignore_filler_pairs(name):
+    """Filler pairs (mask 0) sort last and get no loss: the real pairs' losses are those of a batch without
+    them, whatever the filler values."""
+    x, p = random_inputs(6, seed=4)
+    cfg = LossConfig(loss_type=(name,))
+    alone = np.asarray(losses.LOSSES[name](p, cfg))
+    filler = {k: np.concatenate([v, np.array([0.0, -1e3], np.float32)]) for k, v in vars(p).items() if v is not None}
+    mask = np.array([1] * 6 + [0, 0], np.float32)
+    with_filler = np.asarray(losses.LOSSES[name](PairLogps(**filler, mask=mask), cfg))
+    np.testing.assert_allclose(with_filler[:6].sum(), alone.sum(), rtol=1e-6)
+    assert (with_filler[6:] == 0).all()
+    np.testing.assert_allclose(alone.sum(), reference_loss(name, x).sum(), rtol=1e-6)
+
+
+def test_length_normalised_losses_use_all_completion_tokens():
+    """ipo and sigmoid_norm divide by TRL's completion_mask.sum (chosen_length), not the counted tokens."""
+    x, p = random_inputs(4, seed=5)
+    lengths = {"chosen_length": np.asarray(x["chosen_tokens"] + 1, np.float32),
+               "rejected_length": np.asarray(x["rejected_tokens"] + 1, np.float32)}
+    q = PairLogps(**{k: v for k, v in vars(p).items() if v is not None}, **lengths)
+    y = dict(x, chosen_tokens=x["chosen_tokens"] + 1, rejected_tokens=x["rejected_tokens"] + 1)
+    for name in ("ipo", "sigmoid_norm"):
+        np.testing.assert_allclose(np.asarray(losses.LOSSES[name](q, LossConfig(loss_type=(name,)))),
+                                   reference_loss(name, y), rtol=1e-6)

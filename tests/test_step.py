@@ -198,12 +198,12 @@ def test_nonfinite_step_is_not_applied(checkpoint):
     kernel = params["layers"][0]["mlp"]["up_proj"]["kernel"]
     params["layers"][0]["mlp"]["up_proj"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
     state = S.init_state(params, S.make_optimizer(S.OptimConfig(learning_rate=1e-3, lr_scheduler_type="constant"), 10))
-    before = jax.tree.map(np.array, state.params)
+    before = jax.tree.map(np.array, (state.params, state.opt_state))
     for run in (1, 2):
         state, metrics = fn(state, ref, make_batch())
         assert not bool(metrics["applied"]) and int(metrics["nonfinite_run"]) == run
     assert int(state.step) == 0 and int(state.nonfinite_total) == 2
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
@@ -215,14 +215,16 @@ def test_precomputed_reference_equals_live_reference(checkpoint, other_checkpoin
 
     pairs = random_pairs(12)  # token ids < 100 fit the tiny vocabulary of 128
     ref_graphdef, ref_params = S.split_reference(load(other_checkpoint))
-    key = reference.cache_key(ref_params, pairs, jnp.float32)
+    key = reference.cache_key(ref_params, "cfg", pairs, jnp.float32)
     table = reference.precompute(ref_graphdef, ref_params, pairs, batch_size=5, pad_token_id=0,
                                  cache_dirs=[tmp_path / "a", tmp_path / "b"], key=key)
     assert (tmp_path / "a" / f"{key}.npy").exists() and (tmp_path / "b" / f"{key}.npy").exists()
     again = reference.precompute(None, None, pairs, batch_size=5, pad_token_id=0, cache_dirs=[tmp_path / "b"],
                                  key=key)  # no model: must come from the cache
     np.testing.assert_array_equal(again, table)
-    assert reference.cache_key(ref_params, random_pairs(12, seed=1), jnp.float32) != key
+    assert reference.cache_key(ref_params, "cfg", random_pairs(12, seed=1), jnp.float32) != key
+    assert reference.cache_key(ref_params, "other cfg", pairs, jnp.float32) != key
+    assert reference.cache_key(ref_params, "cfg", pairs, jnp.bfloat16) != key
 
     batches = BatchIterator(pairs, global_batch_size=4, pad_token_id=0, seed=1)
     batch = batches.batch(0, 2)
@@ -349,3 +351,70 @@ def test_check_finite_stops_after_the_configured_run():
     S.check_finite({"nonfinite_run": 2}, 3)
     with pytest.raises(Exception, match="not finite in the last 3 steps in a row"):
         S.check_finite({"nonfinite_run": 3}, 3)
+
+
+def test_completion_lengths_count_a_first_token_without_prompt(checkpoint):
+    """An empty prompt: the first completion token has no log-prob (as TRL) but counts in ipo's length."""
+    path, _ = checkpoint
+    batch = make_batch(b=2)
+    batch["completion_mask"][0] = batch["attention_mask"][0]  # pair 0: everything is completion
+    graphdef, params = S.split_policy(load(path), True)
+    p, _ = S.pair_logps(graphdef, params, graphdef, params, jax.tree.map(jnp.asarray, batch), S.StepConfig())
+    np.testing.assert_array_equal(p.chosen_length, batch["completion_mask"][:, 0].sum(-1))
+    assert float(p.chosen_tokens[0]) == batch["completion_mask"][0, 0].sum() - 1
+
+
+def test_eval_sums_give_the_train_steps_metrics(checkpoint, other_checkpoint):
+    path, _ = checkpoint
+    cfg = S.StepConfig(loss=LossConfig(loss_type=("sigmoid", "sft")))
+    fn, state, ref = setup(path, cfg, ref_path=other_checkpoint)
+    params = jax.tree.map(jnp.copy, state.params)
+    batch = make_batch(seed=2)
+    _, metrics = fn(state, ref, batch)
+    graphdef, _ = S.split_policy(load(path), True)
+    ref_graphdef, _ = S.split_reference(load(other_checkpoint))
+    evaluate = S.compile_eval_step(graphdef, ref_graphdef, cfg)
+    halves = [jax.tree.map(lambda x: x[i::2], batch) for i in range(2)]  # split differently: same totals
+    sums = jax.tree.map(lambda a, b: a + b, *(evaluate(params, ref, h) for h in halves))
+    out = S.finish_eval(jax.tree.map(float, sums), cfg)
+    for k in ("loss", "rewards/chosen", "rewards/accuracies", "rewards/margins", "logps/rejected", "logits/chosen"):
+        np.testing.assert_allclose(out[k], float(metrics[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_chunk_that_does_not_divide_the_length(checkpoint):
+    path, _ = checkpoint
+    batch = make_batch()
+    rows = [jnp.asarray(batch[k].reshape(-1, 16)) for k in ("input_ids", "attention_mask", "completion_mask",
+                                                             "position_ids")]
+    model = load(path)
+    np.testing.assert_allclose(sequence_logps(model, *rows, chunk=5)["logps"],
+                               sequence_logps(model, *rows, chunk=16)["logps"], rtol=1e-6, atol=1e-6)
+
+
+def test_lora_export_merges_adapters_and_transformers_loads_it(checkpoint, tmp_path):
+    from dpo_jax import export_pretrained, lora
+
+    path, _ = checkpoint
+    mesh = make_mesh(data=2, fsdp=4)
+    cfg = S.StepConfig(lora=True)
+    model = lora.apply_lora(load(path, mesh=mesh), rank=2, alpha=4, targets="all-linear")
+    graphdef, adapters, base = lora.split_lora(model, True)
+    tx = S.make_optimizer(S.OptimConfig(learning_rate=1e-2, lr_scheduler_type="constant"), 10)
+    state = S.init_state(adapters, tx)
+    fn = S.compile_train_step(graphdef, None, cfg, tx, mesh, state, base)
+    for seed in range(2):
+        state, _ = fn(state, base, put(make_batch(seed=seed), mesh))
+    trained = nnx.merge(graphdef, state.params, base)
+    export_pretrained(trained, str(tmp_path / "out"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    batch = make_batch(seed=7)
+    ids, mask = batch["input_ids"][:, 0], batch["attention_mask"][:, 0]
+    positions = batch["position_ids"][:, 0]
+    with torch.no_grad():
+        theirs = exported(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                          position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(trained(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(theirs, tiny_models.make_model("llama")(input_ids=torch.tensor(ids, dtype=torch.long))
+                           .logits.detach().numpy())

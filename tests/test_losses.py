@@ -85,6 +85,8 @@ def test_loss_matches_numpy(name, smoothing):
     cfg = LossConfig(loss_type=(name,), beta=0.1, label_smoothing=eps)
     ours = np.asarray(losses.LOSSES[name](p, cfg), np.float64)
     theirs = reference_loss(name, x, beta=0.1, eps=eps)
+    if name.startswith("aot"):  # a loss per rank, handed to the pairs in rank order: compare the multisets
+        ours, theirs = np.sort(ours), np.sort(theirs)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7 * np.abs(theirs).max())
 
 

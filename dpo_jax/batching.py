@@ -27,7 +27,8 @@ from .formats import validate
 from .preprocess import tokenize
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
-LAYOUTS = ("pairs", "shared_prefix")
+LAYOUTS = ("pairs", "shared_prefix", "packed")
+ROW_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # packed layout: rows per batch, as fractions of its pairs
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class BatchIterator:
             raise UserError("no preference pairs are left to batch (see the data audit for why they were dropped)")
         if layout not in LAYOUTS:
             raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-        if layout == "shared_prefix" and pairs.truncation.truncation_mode != "keep_start":
+        if layout != "pairs" and pairs.truncation.truncation_mode != "keep_start":
             raise UserError("prefix sharing needs truncation_mode keep_start: keep_end can cut chosen and rejected "
                             "prompts differently")
         self.layout = layout
@@ -217,7 +218,14 @@ class BatchIterator:
                            (process_index + 1) * global_batch_size // process_count)
         self.steps_per_epoch = -(-len(pairs) // global_batch_size)
         cap = pairs.truncation.max_length and (pairs.truncation.max_length * (1 if layout == "pairs" else 2))
+        if layout == "packed":  # one row length for the run, room for two of the longest pairs; rows vary
+            longest = int(self.lengths.max())
+            buckets = buckets or (-(-2 * longest // multiple) * multiple,)
         self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
+        local_pairs = global_batch_size // process_count
+        self.row_counts = tuple(sorted({max(1, -(-int(local_pairs * f) // 1)) for f in ROW_FRACTIONS}))
+        self.process_count = process_count
+        self.process_index = process_index
         if self.buckets[-1] < self.lengths.max():
             raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "
                             f"({self.lengths.max()} tokens); give buckets up to max_length")
@@ -244,6 +252,8 @@ class BatchIterator:
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch `step` of `epoch`."""
         indices = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+        if self.layout == "packed":
+            return self._packed_batch(indices)
         length = self.bucket_for(int(self.lengths[indices[indices >= 0]].max()))
         local = indices[self.local]
         if self.layout == "shared_prefix":
@@ -284,6 +294,54 @@ class BatchIterator:
         if self.ref_logps is not None:
             out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
         return out
+
+    def _packed_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Several prompt-sharing pairs per row of the run's one row length L (first-fit decreasing), each in
+        its own `segment` (its slot in the row; -1 padding); `pair_row` / `pair_slot` say where pair b went.
+        Each process packs its own pairs; the number of rows, the same on every process, is the smallest of
+        `row_counts` that holds the fullest process's packing."""
+        length = self.buckets[-1]
+        parts = np.array_split(indices, self.process_count)
+        packings = [self._first_fit(part, length) for part in parts]
+        rows = next(r for r in self.row_counts if r >= max(len(p) for p in packings))
+        local, packing = parts[self.process_index], packings[self.process_index]
+        b = len(local)
+        out = {"input_ids": np.full((rows, length), self.pad, np.int32), "branch": np.full((rows, length), -1, np.int32),
+               "segment": np.full((rows, length), -1, np.int32), "position_ids": np.zeros((rows, length), np.int32),
+               "pair_row": np.zeros(b, np.int32), "pair_slot": np.zeros(b, np.int32),
+               "pair_mask": (local >= 0).astype(np.int32), "index": local.astype(np.int32),
+               "lengths": np.zeros((b, 2), np.int32), "chosen_targets": np.zeros(b, np.int32)}
+        where = {int(i): k for k, i in enumerate(local)}
+        for r, members in enumerate(packing):
+            start = 0
+            for slot, i in enumerate(members):
+                ids, branch = self.pairs.shared_row(int(i))
+                prompt, chosen = int((branch == 0).sum()), int((branch == 1).sum())
+                span = slice(start, start + len(ids))
+                out["input_ids"][r, span], out["branch"][r, span], out["segment"][r, span] = ids, branch, slot
+                out["position_ids"][r, span] = np.concatenate(
+                    [np.arange(prompt + chosen), prompt + np.arange(len(ids) - prompt - chosen)])
+                k = where[int(i)]
+                out["pair_row"][k], out["pair_slot"][k] = r, slot
+                out["lengths"][k] = chosen, len(ids) - prompt - chosen
+                out["chosen_targets"][k] = chosen - (prompt == 0)  # the first token needs a prompt before it
+                start += len(ids)
+        if self.ref_logps is not None:
+            out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
+        return out
+
+    def _first_fit(self, indices: np.ndarray, length: int) -> list[list[int]]:
+        rows: list[list[int]] = []
+        free: list[int] = []
+        for i in sorted((int(i) for i in indices if i >= 0), key=lambda i: -self.lengths[i]):
+            need = int(self.lengths[i])
+            r = next((r for r, f in enumerate(free) if f >= need), None)
+            if r is None:
+                rows.append([]), free.append(length)
+                r = len(rows) - 1
+            rows[r].append(i)
+            free[r] -= need
+        return rows
 
     def __iter__(self):
         return self

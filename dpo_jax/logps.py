@@ -64,6 +64,39 @@ def shared_prefix_logps(model, input_ids_NxT: jax.Array, branch_NxT: jax.Array, 
     return out
 
 
+def packed_mask(branch_RxL: jax.Array, segment_RxL: jax.Array) -> jax.Array:
+    """[R, L, L] attention of packed rows: prompt-sharing pairs (`shared_prefix_mask`) that do not see each other."""
+    same = segment_RxL[:, :, None] == segment_RxL[:, None, :]
+    return shared_prefix_mask(branch_RxL) & same
+
+
+def packed_logps(model, input_ids_RxL: jax.Array, branch_RxL: jax.Array, segment_RxL: jax.Array,
+                 positions_RxL: jax.Array, pair_row_B: jax.Array, pair_slot_B: jax.Array,
+                 chunk: int | None = None) -> dict[str, jax.Array]:
+    """As `shared_prefix_logps`, for rows holding several pairs (segment = the pair's slot in its row); results
+    are [B, 2] in pair order, read at (pair_row, pair_slot)."""
+    r, t = input_ids_RxL.shape
+    slots = pair_row_B.shape[0]  # at most one pair per slot: slots per row <= pairs in the batch
+    hidden = model.hidden_states(input_ids_RxL, packed_mask(branch_RxL, segment_RxL), positions_RxL)
+    onehot_RxLxK = segment_RxL[:, :, None] == jnp.arange(slots)
+    start_RxK = jnp.argmax(onehot_RxLxK, axis=1)
+    prompt_RxK = (onehot_RxLxK & (branch_RxL == 0)[..., None]).sum(1)
+    chosen_RxK = (onehot_RxLxK & (branch_RxL == 1)[..., None]).sum(1)
+    seg = jnp.maximum(segment_RxL, 0)
+    start, prompt, chosen = (jnp.take_along_axis(x, seg, axis=1) for x in (start_RxK, prompt_RxK, chosen_RxK))
+    index = jnp.arange(t)[None]
+    first_rejected = (branch_RxL == 2) & (index == start + prompt + chosen)
+    source = jnp.where(first_rejected, start + prompt - 1, index - 1)
+    valid = (segment_RxL >= 0) & (source >= start)
+    logp, mean_logit = _target_logps(model, hidden, source, input_ids_RxL, chunk)
+    out = {}
+    for name, value in (("logps", logp), ("tokens", jnp.ones_like(logp)), ("logit_sum", mean_logit)):
+        per_slot = jnp.stack([jnp.einsum("rl,rlk->rk", value * (valid & (branch_RxL == b)), onehot_RxLxK.astype(value.dtype))
+                              for b in (1, 2)], -1)  # [R, K, 2]
+        out[name] = per_slot[pair_row_B, pair_slot_B]
+    return out
+
+
 def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
     """log p(targets[t]) and the mean logit, both from the logits at position source[t]; [N, T] each."""
     n, t = targets_NxT.shape

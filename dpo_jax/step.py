@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import losses, sharding
 from .errors import UserError
-from .logps import sequence_logps, shared_prefix_logps
+from .logps import packed_logps, sequence_logps, shared_prefix_logps
 from .losses import LossConfig, PairLogps
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -123,8 +123,12 @@ def _rows(batch: dict) -> tuple:
 
 def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: StepConfig):
     """PairLogps of a (micro-)batch and the per-pair logit sums (chosen, rejected)."""
-    b = batch["input_ids"].shape[0]
-    if "branch" in batch:  # one prompt-sharing row per pair
+    b = batch["pair_mask"].shape[0]
+    if "segment" in batch:  # several prompt-sharing pairs per row
+        rows = (batch["input_ids"], batch["branch"], batch["segment"], batch["position_ids"], batch["pair_row"],
+                batch["pair_slot"])
+        forward = packed_logps
+    elif "branch" in batch:  # one prompt-sharing row per pair
         rows = (batch["input_ids"], batch["branch"], batch["position_ids"])
         forward = shared_prefix_logps
     else:
@@ -147,7 +151,9 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
     else:
         ref_out = forward(ref_model, *rows, chunk=cfg.chunk)
         ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
-    if "branch" in batch:
+    if "lengths" in batch:
+        length = batch["lengths"]
+    elif "branch" in batch:
         length = jnp.stack([(batch["branch"] == s).sum(-1) for s in (1, 2)], -1)
     else:
         length = batch["completion_mask"].sum(-1)
@@ -162,7 +168,9 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
 def batch_counts(batch: dict) -> dict[str, jax.Array]:
     """Denominators of the losses, from the whole global batch: real pairs and their chosen target tokens."""
     pair_mask = batch["pair_mask"].astype(jnp.float32)
-    if "branch" in batch:
+    if "chosen_targets" in batch:
+        chosen_targets = batch["chosen_targets"].astype(jnp.float32)
+    elif "branch" in batch:
         branch = batch["branch"]
         has_source = (branch == 0).any(-1, keepdims=True) | (jnp.arange(branch.shape[1]) > 0)
         chosen_targets = ((branch == 1) & has_source).sum(-1).astype(jnp.float32)
@@ -196,6 +204,9 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     """One optimizer update from one global batch; not applied when the loss or gradients are not finite."""
     counts = batch_counts(batch)
     k = cfg.gradient_accumulation_steps
+    if k > 1 and "segment" in batch:
+        raise UserError("packed batches (several pairs per row) do not split into micro-batches yet; use "
+                        "gradient_accumulation_steps 1 or the shared_prefix layout")
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def micro_step(carry, micro):

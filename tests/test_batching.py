@@ -201,3 +201,25 @@ def test_token_ids_outside_the_vocabulary_name_the_row():
     pairs.check_vocab(100)
     with pytest.raises(UserError, match="row 2: the rejected has token id 99, but the model's vocabulary has 99"):
         pairs.check_vocab(99)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_packed_rows_hold_every_pair_once(processes):
+    pairs = random_pairs(30, max_len=20)
+    parts = [BatchIterator(pairs, global_batch_size=8, pad_token_id=PAD, layout="packed",
+                           process_index=p, process_count=processes) for p in range(processes)]
+    length = parts[0].buckets[-1]
+    for _ in range(2 * parts[0].steps_per_epoch):
+        got = [next(p) for p in parts]
+        assert len({g["input_ids"].shape for g in got}) == 1  # every process has the same shapes
+        assert got[0]["input_ids"].shape[0] in parts[0].row_counts and got[0]["input_ids"].shape[1] == length
+        for g in got:
+            for k, i in enumerate(g["index"]):
+                if i < 0:
+                    continue
+                row, slot = g["pair_row"][k], g["pair_slot"][k]
+                ids, branch = pairs.shared_row(int(i))
+                assert g["input_ids"][row][g["segment"][row] == slot].tolist() == ids.tolist()
+                assert g["branch"][row][g["segment"][row] == slot].tolist() == branch.tolist()
+            used = sum(int((g["segment"][r] >= 0).sum()) for r in range(g["segment"].shape[0]))
+            assert used == sum(len(pairs.shared_row(int(i))[0]) for i in g["index"] if i >= 0)

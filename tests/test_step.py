@@ -418,3 +418,40 @@ def test_lora_export_merges_adapters_and_transformers_loads_it(checkpoint, tmp_p
     np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
     assert not np.allclose(theirs, tiny_models.make_model("llama")(input_ids=torch.tensor(ids, dtype=torch.long))
                            .logits.detach().numpy())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packing_equals_separate_sequences(arch, tmp_path):
+    """Several prompt-sharing pairs per row, in segments that do not see each other: the same per-pair
+    log-probs and gradients as the plain path, with fewer rows than pairs."""
+    from dpo_jax.batching import BatchIterator
+    from test_batching import random_pairs
+
+    tiny_models.make_model(arch).save_pretrained(tmp_path)
+    pairs = random_pairs(8, max_len=12)
+    plain = BatchIterator(pairs, global_batch_size=8, pad_token_id=0, shuffle=False).batch(0, 0)
+    packed = BatchIterator(pairs, global_batch_size=8, pad_token_id=0, shuffle=False, layout="packed").batch(0, 0)
+    assert packed["input_ids"].shape[0] < 8 and packed["segment"].max() >= 1
+    cfg = S.StepConfig(loss=LossConfig(loss_type=("sigmoid", "sft", "ipo")))
+    graphdef, params = S.split_policy(load(str(tmp_path)), True)
+    ref_graphdef, ref_params = S.split_reference(load(str(tmp_path)))
+    params = jax.tree.map(lambda x: x * 1.1, params)
+
+    def run(batch):
+        batch = jax.tree.map(jnp.asarray, batch)
+        p, logits = S.pair_logps(graphdef, params, ref_graphdef, ref_params, batch, cfg)
+        loss, grads = jax.value_and_grad(lambda q: S._micro_loss(q, graphdef, ref_graphdef, ref_params, batch,
+                                                                 S.batch_counts(batch), cfg)[0])(params)
+        return p, logits, loss, grads
+
+    p1, l1, loss1, g1 = run(plain)
+    p2, l2, loss2, g2 = run(packed)
+    for field in ("chosen", "rejected", "ref_chosen", "ref_rejected", "chosen_tokens", "rejected_tokens",
+                  "chosen_length", "rejected_length"):
+        np.testing.assert_allclose(getattr(p2, field), getattr(p1, field), rtol=1e-5, atol=1e-5, err_msg=field)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-6)
+    # Per leaf, relative to the gradient's norm: rows now hold several pairs, so float32 sums run in another
+    # order, and an entry's rounding error scales with the magnitudes summed into it, not with the entry.
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert np.linalg.norm(np.asarray(b) - np.asarray(a)) <= 1e-5 * np.linalg.norm(np.asarray(a))

@@ -3,7 +3,8 @@ data before training, stored under a key that hashes the reference weights, the 
 tokenized data with its truncation; reused on resume and by any later run with the same three.
 
 The table is float32 [n_pairs, 2] (chosen, rejected), indexed like `batching.Pairs`; `BatchIterator` attaches
-the rows of each batch as `ref_logps`, and the step then needs no reference model in memory.
+the rows of each batch as `ref_logps`, and the step then needs no reference model in memory. With LoRA, pass
+the LoRA graphdef and `(zeroed adapters, base weights)` as the reference state.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "dpo_jax")) / "ref_logps"
 
 
-def params_fingerprint(params: nnx.State) -> str:
-    """A hash of every parameter's path, dtype, shape and bytes."""
+def params_fingerprint(params) -> str:
+    """A hash of every parameter's path, dtype, shape and bytes (of a state, or a tuple of states)."""
     h = hashlib.blake2b(digest_size=10)
-    for path, leaf in sorted(nnx.to_flat_state(params), key=lambda kv: str(kv[0])):
+    states = params if isinstance(params, tuple) else (params,)
+    flat = [kv for state in states for kv in nnx.to_flat_state(state)]
+    for path, leaf in sorted(flat, key=lambda kv: str(kv[0])):
         value = np.asarray(leaf.get_value() if hasattr(leaf, "get_value") else leaf)
         h.update(f"{path}:{value.dtype}:{value.shape}".encode())
         h.update(value.tobytes())
@@ -73,9 +76,11 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
 
 
 def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:
+    """`params` is the state to merge, or a tuple of states (LoRA: zeroed adapters and the base weights)."""
     rows = [batch[k].reshape(-1, batch[k].shape[-1])
             for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")]
-    out = sequence_logps(nnx.merge(graphdef, params), *rows, chunk=chunk)
+    states = params if isinstance(params, tuple) else (params,)
+    out = sequence_logps(nnx.merge(graphdef, *states), *rows, chunk=chunk)
     return out["logps"].reshape(-1, 2)
 
 

@@ -455,3 +455,17 @@ def test_packing_equals_separate_sequences(arch, tmp_path):
     # order, and an entry's rounding error scales with the magnitudes summed into it, not with the entry.
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         assert np.linalg.norm(np.asarray(b) - np.asarray(a)) <= 1e-5 * np.linalg.norm(np.asarray(a))
+
+
+def test_precompute_for_lora_is_the_base_model(checkpoint, tmp_path):
+    from dpo_jax import lora, reference
+    from test_batching import random_pairs
+
+    path, _ = checkpoint
+    pairs = random_pairs(6)
+    graphdef, adapters, base = lora.split_lora(lora.apply_lora(load(path), rank=2, alpha=2), True)
+    zeros = jax.tree.map(jnp.zeros_like, adapters)
+    table = reference.precompute(graphdef, (zeros, base), pairs, batch_size=4, pad_token_id=0)
+    plain_graphdef, plain = S.split_reference(load(path))
+    np.testing.assert_allclose(table, reference.precompute(plain_graphdef, plain, pairs, batch_size=4, pad_token_id=0),
+                               rtol=1e-6, atol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass
 
 import datasets
@@ -196,7 +197,8 @@ class BatchIterator:
 
     def __init__(self, pairs: Pairs, *, global_batch_size: int, pad_token_id: int, seed: int = 42,
                  shuffle: bool = True, buckets: tuple[int, ...] | None = None, num_buckets: int = 4,
-                 multiple: int = 16, process_index: int = 0, process_count: int = 1, layout: str = "pairs"):
+                 multiple: int = 16, process_index: int = 0, process_count: int = 1, layout: str = "pairs",
+                 micro_batches: int = 1):
         if global_batch_size % process_count:
             raise UserError(f"the global batch of {global_batch_size} pairs does not divide over {process_count} "
                             f"processes; choose a batch size that is a multiple of {process_count}")
@@ -223,9 +225,11 @@ class BatchIterator:
             buckets = buckets or (-(-2 * longest // multiple) * multiple,)
         self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
         local_pairs = global_batch_size // process_count
-        self.row_counts = tuple(sorted({max(1, -(-int(local_pairs * f) // 1)) for f in ROW_FRACTIONS}))
-        self.process_count = process_count
-        self.process_index = process_index
+        self.process_count, self.process_index = process_count, process_index
+        self.micro_batches = micro_batches  # packed layout: pack each micro-batch of the step on its own
+        if local_pairs % micro_batches:
+            raise UserError(f"{local_pairs} pairs per process do not split into {micro_batches} micro-batches")
+        self.row_counts = tuple(sorted({max(1, math.ceil(local_pairs // micro_batches * f)) for f in ROW_FRACTIONS}))
         if self.buckets[-1] < self.lengths.max():
             raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "
                             f"({self.lengths.max()} tokens); give buckets up to max_length")
@@ -298,34 +302,39 @@ class BatchIterator:
     def _packed_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Several prompt-sharing pairs per row of the run's one row length L (first-fit decreasing), each in
         its own `segment` (its slot in the row; -1 padding); `pair_row` / `pair_slot` say where pair b went.
-        Each process packs its own pairs; the number of rows, the same on every process, is the smallest of
-        `row_counts` that holds the fullest process's packing."""
-        length = self.buckets[-1]
+
+        Each process packs its own pairs, and within them each micro-batch's pairs separately: the step puts
+        pair i * k + j and row i * k + j in micro-batch j, so `pair_row` counts rows within the micro-batch,
+        across processes. The rows per micro-batch, the same everywhere, are the smallest of `row_counts`
+        that holds the fullest packing."""
+        length, k = self.buckets[-1], self.micro_batches
         parts = np.array_split(indices, self.process_count)
-        packings = [self._first_fit(part, length) for part in parts]
-        rows = next(r for r in self.row_counts if r >= max(len(p) for p in packings))
+        packings = [[self._first_fit(part[j::k], length) for j in range(k)] for part in parts]
+        rows = next(r for r in self.row_counts if r >= max(len(g) for p in packings for g in p))
         local, packing = parts[self.process_index], packings[self.process_index]
-        b = len(local)
-        out = {"input_ids": np.full((rows, length), self.pad, np.int32), "branch": np.full((rows, length), -1, np.int32),
-               "segment": np.full((rows, length), -1, np.int32), "position_ids": np.zeros((rows, length), np.int32),
-               "pair_row": np.zeros(b, np.int32), "pair_slot": np.zeros(b, np.int32),
-               "pair_mask": (local >= 0).astype(np.int32), "index": local.astype(np.int32),
-               "lengths": np.zeros((b, 2), np.int32), "chosen_targets": np.zeros(b, np.int32)}
-        where = {int(i): k for k, i in enumerate(local)}
-        for r, members in enumerate(packing):
-            start = 0
-            for slot, i in enumerate(members):
-                ids, branch = self.pairs.shared_row(int(i))
-                prompt, chosen = int((branch == 0).sum()), int((branch == 1).sum())
-                span = slice(start, start + len(ids))
-                out["input_ids"][r, span], out["branch"][r, span], out["segment"][r, span] = ids, branch, slot
-                out["position_ids"][r, span] = np.concatenate(
-                    [np.arange(prompt + chosen), prompt + np.arange(len(ids) - prompt - chosen)])
-                k = where[int(i)]
-                out["pair_row"][k], out["pair_slot"][k] = r, slot
-                out["lengths"][k] = chosen, len(ids) - prompt - chosen
-                out["chosen_targets"][k] = chosen - (prompt == 0)  # the first token needs a prompt before it
-                start += len(ids)
+        b, total = len(local), rows * k
+        out = {"input_ids": np.full((total, length), self.pad, np.int32),
+               "branch": np.full((total, length), -1, np.int32), "segment": np.full((total, length), -1, np.int32),
+               "position_ids": np.zeros((total, length), np.int32), "pair_row": np.zeros(b, np.int32),
+               "pair_slot": np.zeros(b, np.int32), "pair_mask": (local >= 0).astype(np.int32),
+               "index": local.astype(np.int32), "lengths": np.zeros((b, 2), np.int32),
+               "chosen_targets": np.zeros(b, np.int32)}
+        where = {int(i): n for n, i in enumerate(local)}
+        for j, group in enumerate(packing):
+            for m, members in enumerate(group):
+                r, start = m * k + j, 0  # local row of micro-batch j's m-th row
+                for slot, i in enumerate(members):
+                    ids, branch = self.pairs.shared_row(int(i))
+                    prompt, chosen = int((branch == 0).sum()), int((branch == 1).sum())
+                    span = slice(start, start + len(ids))
+                    out["input_ids"][r, span], out["branch"][r, span], out["segment"][r, span] = ids, branch, slot
+                    out["position_ids"][r, span] = np.concatenate(
+                        [np.arange(prompt + chosen), prompt + np.arange(len(ids) - prompt - chosen)])
+                    n = where[int(i)]
+                    out["pair_row"][n], out["pair_slot"][n] = self.process_index * rows + m, slot
+                    out["lengths"][n] = chosen, len(ids) - prompt - chosen
+                    out["chosen_targets"][n] = chosen - (prompt == 0)  # a first token needs a prompt before it
+                    start += len(ids)
         if self.ref_logps is not None:
             out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
         return out

@@ -204,9 +204,6 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     """One optimizer update from one global batch; not applied when the loss or gradients are not finite."""
     counts = batch_counts(batch)
     k = cfg.gradient_accumulation_steps
-    if k > 1 and "segment" in batch:
-        raise UserError("packed batches (several pairs per row) do not split into micro-batches yet; use "
-                        "gradient_accumulation_steps 1 or the shared_prefix layout")
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def micro_step(carry, micro):

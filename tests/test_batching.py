@@ -213,11 +213,12 @@ def test_packed_rows_hold_every_pair_once(processes):
         got = [next(p) for p in parts]
         assert len({g["input_ids"].shape for g in got}) == 1  # every process has the same shapes
         assert got[0]["input_ids"].shape[0] in parts[0].row_counts and got[0]["input_ids"].shape[1] == length
-        for g in got:
+        for p, g in enumerate(got):
             for k, i in enumerate(g["index"]):
                 if i < 0:
                     continue
-                row, slot = g["pair_row"][k], g["pair_slot"][k]
+                # pair_row counts rows of the global batch (process p's rows come after p's predecessors')
+                row, slot = g["pair_row"][k] - p * g["input_ids"].shape[0], g["pair_slot"][k]
                 ids, branch = pairs.shared_row(int(i))
                 assert g["input_ids"][row][g["segment"][row] == slot].tolist() == ids.tolist()
                 assert g["branch"][row][g["segment"][row] == slot].tolist() == branch.tolist()

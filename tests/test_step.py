@@ -469,3 +469,21 @@ def test_precompute_for_lora_is_the_base_model(checkpoint, tmp_path):
     plain_graphdef, plain = S.split_reference(load(path))
     np.testing.assert_allclose(table, reference.precompute(plain_graphdef, plain, pairs, batch_size=4, pad_token_id=0),
                                rtol=1e-6, atol=1e-5)
+
+
+def test_packing_with_gradient_accumulation_equals_one_plain_batch(checkpoint, other_checkpoint):
+    from dpo_jax.batching import BatchIterator
+    from test_batching import random_pairs
+
+    path, _ = checkpoint
+    pairs = random_pairs(7, max_len=12)  # 7 pairs in a batch of 8: one filler
+    plain = BatchIterator(pairs, global_batch_size=8, pad_token_id=0, shuffle=False).batch(0, 0)
+    packed = BatchIterator(pairs, global_batch_size=8, pad_token_id=0, shuffle=False, layout="packed",
+                           micro_batches=2).batch(0, 0)
+    loss = LossConfig(loss_type=("sigmoid", "sft"))
+    out = []
+    for batch, k in ((plain, 1), (packed, 2)):
+        fn, state, ref = setup(path, S.StepConfig(loss=loss, gradient_accumulation_steps=k), ref_path=other_checkpoint)
+        out.append({key: float(v) for key, v in fn(state, ref, batch)[1].items()})
+    for key in out[0]:
+        np.testing.assert_allclose(out[1][key], out[0][key], rtol=1e-5, atol=1e-6, err_msg=key)

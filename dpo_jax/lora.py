@@ -4,7 +4,9 @@
 +-1/sqrt(in)) and B [r, out] (zeros), and its output gains (alpha / r) * x A B; with B = 0 the model is the
 base model exactly. The adapters are `nnx.LoRAParam`s, so `split_lora` separates them from the base weights:
 the optimizer sees only the adapters, and the reference is the same base weights with the adapters zeroed,
-so no second copy of the model is kept. Adapter dropout is not supported yet (lora_dropout must be 0).
+so no second copy of the model is kept. With `dropout` > 0, the adapters' input is dropped out in training
+(PEFT's lora_dropout) with a key per layer and micro-batch that the step derives (`dropout_keys`); the
+reference and evaluation use no dropout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from flax import nnx
 
 from . import sharding
 from .errors import UserError
-from .models.layers import Linear
+from .models.layers import Linear, LoRAKey
 
 ALL_LINEAR = "all-linear"  # every Linear but the output head, as PEFT's "all-linear"
 DEFAULT_TARGETS = {"gpt2": ("c_attn",)}  # else PEFT's default for Llama-style models
@@ -26,8 +28,8 @@ LLAMA_DEFAULT = ("q_proj", "v_proj")
 
 def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.0, seed: int = 0):
     """Add adapters of rank `rank` to the Linear layers named in `targets` (default: PEFT's per family)."""
-    if dropout:
-        raise UserError(f"lora_dropout={dropout}: adapter dropout is not supported yet; use lora_dropout 0")
+    if not 0 <= dropout < 1:
+        raise UserError(f"lora_dropout must be in [0, 1), not {dropout}")
     if rank < 1:
         raise UserError(f"lora_r must be at least 1, not {rank}")
     model_type = getattr(model.config, "model_type", "")
@@ -60,6 +62,9 @@ def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.
         linear.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
         linear.lora_b = nnx.LoRAParam(b, out_sharding=(None, axes[1]), eager_sharding=False)
         linear.lora_scale = alpha / rank
+        if dropout:
+            linear.lora_dropout = dropout
+            linear.lora_key = LoRAKey(jnp.zeros((2,), jnp.uint32))
         count += 1
     if not count:
         raise UserError("lora_target_modules matched no linear layer")
@@ -67,6 +72,16 @@ def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.
 
 
 def split_lora(model, gradient_checkpointing: bool = True):
-    """(graphdef, adapters, base weights) of a model with adapters."""
+    """(graphdef, adapters, base) of a model with adapters; base = (dropout keys, base weights), what the step
+    takes as its frozen `ref_params`. Merge with nnx.merge(graphdef, adapters, *base)."""
     model.remat = gradient_checkpointing
-    return nnx.split(model, nnx.LoRAParam, nnx.Param)
+    graphdef, adapters, keys, weights = nnx.split(model, nnx.LoRAParam, LoRAKey, nnx.Param)
+    return graphdef, adapters, (keys, weights)
+
+
+def dropout_keys(keys: nnx.State, salt: jax.Array, seed: int) -> nnx.State:
+    """A fresh, non-zero dropout key per adapter for this `salt` (one per micro-batch of each step)."""
+    leaves, tree = jax.tree.flatten(keys)
+    base = jax.random.fold_in(jax.random.key(seed), salt)
+    fresh = [jax.random.key_data(jax.random.fold_in(base, i)) | jnp.uint32(1) for i in range(len(leaves))]
+    return jax.tree.unflatten(tree, fresh)

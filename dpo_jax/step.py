@@ -52,6 +52,7 @@ class StepConfig:
     chunk: int | None = None  # positions per head chunk in logps.py (None: from a memory budget)
     gradient_checkpointing: bool = True  # recompute each decoder block in the backward pass (TRL's default)
     lora: bool = False  # params are LoRA adapters and ref_params the frozen base (see lora.py)
+    seed: int = 42  # for LoRA dropout
 
 
 class TrainState(NamedTuple):
@@ -121,8 +122,9 @@ def _rows(batch: dict) -> tuple:
                  for k in ("input_ids", "attention_mask", "completion_mask", "position_ids"))
 
 
-def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: StepConfig):
-    """PairLogps of a (micro-)batch and the per-pair logit sums (chosen, rejected)."""
+def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: StepConfig, salt=None):
+    """PairLogps of a (micro-)batch and the per-pair logit sums (chosen, rejected). `salt` (training only)
+    draws the LoRA dropout masks; without it there is no dropout."""
     b = batch["pair_mask"].shape[0]
     if "segment" in batch:  # several prompt-sharing pairs per row
         rows = (batch["input_ids"], batch["branch"], batch["segment"], batch["position_ids"], batch["pair_row"],
@@ -135,9 +137,12 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
         rows = _rows(batch)
         forward = sequence_logps
     if cfg.lora:  # the policy is base + adapters; the reference the same base with the adapters zeroed
-        base = jax.lax.stop_gradient(ref_params)
-        policy_model = nnx.merge(graphdef, params, base)
-        ref_model = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), base)
+        from .lora import dropout_keys
+
+        keys, base = jax.lax.stop_gradient(ref_params)
+        policy_keys = keys if salt is None else dropout_keys(keys, salt, cfg.seed)
+        policy_model = nnx.merge(graphdef, params, policy_keys, base)
+        ref_model = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params), keys, base)
     else:
         policy_model = nnx.merge(graphdef, params)
         ref_model = None if ref_params is None else nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params))
@@ -179,8 +184,9 @@ def batch_counts(batch: dict) -> dict[str, jax.Array]:
     return {"pairs": pair_mask.sum(), "chosen_tokens": (chosen_targets * pair_mask).sum()}
 
 
-def _micro_loss(params, graphdef, ref_graphdef, ref_params, micro: dict, counts: dict, cfg: StepConfig):
-    p, logit_sum = pair_logps(graphdef, params, ref_graphdef, ref_params, micro, cfg)
+def _micro_loss(params, graphdef, ref_graphdef, ref_params, micro: dict, counts: dict, cfg: StepConfig,
+                salt=None):
+    p, logit_sum = pair_logps(graphdef, params, ref_graphdef, ref_params, micro, cfg, salt)
     mask = micro["pair_mask"].astype(p.chosen.dtype)
     loss, parts = jnp.zeros((), p.chosen.dtype), {}
     for name, weight in cfg.loss.terms():
@@ -206,9 +212,11 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     k = cfg.gradient_accumulation_steps
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
-    def micro_step(carry, micro):
+    def micro_step(carry, xs):
+        micro, j = xs
         loss, grads, sums, parts = carry
-        (l, (s, p)), g = grad_fn(state.params, graphdef, ref_graphdef, ref_params, micro, counts, cfg)
+        salt = (state.step + state.nonfinite_total) * k + j  # a new LoRA dropout mask per micro-batch and step
+        (l, (s, p)), g = grad_fn(state.params, graphdef, ref_graphdef, ref_params, micro, counts, cfg, salt)
         return (loss + l, jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s),
                 jax.tree.map(jnp.add, parts, p)), None
 
@@ -219,7 +227,7 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     loss_shape = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0,
                                                     counts, cfg)[0])
     init = (jnp.zeros((), loss_shape.dtype), jax.tree.map(jnp.zeros_like, state.params), *zeros)
-    (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, _split_micro(batch, k))
+    (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, (_split_micro(batch, k), jnp.arange(k)))
 
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,6 +1,8 @@
 """The training step against independent references: transformers' log-softmax, finite differences, one device
 against meshes of eight, one batch against accumulated micro-batches."""
 
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -303,7 +305,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(checkpoint, tmp
             kernel.set_value(kernel.get_value() + 2.0 * ad["lora_a"].get_value() @ ad["lora_b"].get_value())
     nnx.update(merged, merged_params)
     batch = make_batch(seed=9)
-    adapted = nnx.merge(graphdef, state.params, base)
+    adapted = nnx.merge(graphdef, state.params, *base)
     rows = [jnp.asarray(batch[k].reshape(-1, 16)) for k in ("input_ids", "attention_mask", "completion_mask",
                                                              "position_ids")]
     np.testing.assert_allclose(sequence_logps(adapted, *rows)["logps"], sequence_logps(merged, *rows)["logps"],
@@ -404,7 +406,7 @@ def test_lora_export_merges_adapters_and_transformers_loads_it(checkpoint, tmp_p
     fn = S.compile_train_step(graphdef, None, cfg, tx, mesh, state, base)
     for seed in range(2):
         state, _ = fn(state, base, put(make_batch(seed=seed), mesh))
-    trained = nnx.merge(graphdef, state.params, base)
+    trained = nnx.merge(graphdef, state.params, *base)
     export_pretrained(trained, str(tmp_path / "out"))
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     batch = make_batch(seed=7)
@@ -465,7 +467,7 @@ def test_precompute_for_lora_is_the_base_model(checkpoint, tmp_path):
     pairs = random_pairs(6)
     graphdef, adapters, base = lora.split_lora(lora.apply_lora(load(path), rank=2, alpha=2), True)
     zeros = jax.tree.map(jnp.zeros_like, adapters)
-    table = reference.precompute(graphdef, (zeros, base), pairs, batch_size=4, pad_token_id=0)
+    table = reference.precompute(graphdef, (zeros, *base), pairs, batch_size=4, pad_token_id=0)
     plain_graphdef, plain = S.split_reference(load(path))
     np.testing.assert_allclose(table, reference.precompute(plain_graphdef, plain, pairs, batch_size=4, pad_token_id=0),
                                rtol=1e-6, atol=1e-5)
@@ -487,3 +489,35 @@ def test_packing_with_gradient_accumulation_equals_one_plain_batch(checkpoint, o
         out.append({key: float(v) for key, v in fn(state, ref, batch)[1].items()})
     for key in out[0]:
         np.testing.assert_allclose(out[1][key], out[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_lora_dropout_in_training_only(checkpoint):
+    """lora_dropout drops the adapters' input in training steps (a new mask each step), never in evaluation or
+    in the reference; with B = 0 the first step is still exactly ln 2."""
+    from dpo_jax import lora
+
+    path, _ = checkpoint
+    cfg = S.StepConfig(lora=True)
+    batch = jax.tree.map(jnp.asarray, make_batch())
+
+    def adapters_and_base(dropout):
+        model = lora.apply_lora(load(path), rank=4, alpha=8, dropout=dropout)
+        return lora.split_lora(model, True)
+
+    graphdef, adapters, base = adapters_and_base(0.5)
+    tx = S.make_optimizer(S.OptimConfig(learning_rate=1e-2, lr_scheduler_type="constant"), 10)
+    state = S.init_state(adapters, tx)
+    fn = S.compile_train_step(graphdef, None, cfg, tx, None, state, base)
+    state, metrics = fn(state, base, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), np.log(2), rtol=1e-6)
+    state, _ = fn(state, base, batch)
+    trained = state.params
+    evaluate = functools.partial(S.pair_logps, graphdef, trained, None, base, batch, cfg)
+    no_dropout = evaluate()[0].chosen
+    with_dropout = [evaluate(salt=jnp.int32(s))[0].chosen for s in (1, 2)]
+    assert not np.allclose(with_dropout[0], no_dropout) and not np.allclose(with_dropout[0], with_dropout[1])
+    plain_graphdef, _, plain_base = adapters_and_base(0.0)  # the same adapters without dropout
+    np.testing.assert_allclose(no_dropout, S.pair_logps(plain_graphdef, trained, None, plain_base, batch, cfg)[0].chosen,
+                               rtol=1e-6, atol=1e-5)
+    ref = evaluate(salt=jnp.int32(1))[0]
+    np.testing.assert_allclose(ref.ref_chosen, evaluate()[0].ref_chosen, rtol=0, atol=0)

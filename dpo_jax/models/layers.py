@@ -29,6 +29,11 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str |
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
+class LoRAKey(nnx.Variable):
+    """Raw PRNG key data (uint32 [2]) of a LoRA adapter's dropout; all zeros means no dropout (evaluation and
+    the reference). The step writes a fresh key per micro-batch (lora.dropout_keys)."""
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel is [in, out] as in Flax (PyTorch's nn.Linear stores [out, in])."""
 
@@ -39,7 +44,9 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.lora_a = nnx.data(None)  # LoRA adapters [in, r] and [r, out], added by lora.apply_lora
         self.lora_b = nnx.data(None)
+        self.lora_key = nnx.data(None)
         self.lora_scale = 0.0
+        self.lora_dropout = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -47,7 +54,13 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            y = y + self.lora_scale * jnp.dot(jnp.dot(x, self.lora_a[...].astype(self.dtype)),
+            xa = x
+            if self.lora_dropout and self.lora_key is not None:  # dropout on the adapter's input, as PEFT
+                data = self.lora_key[...]
+                keep = jax.random.bernoulli(jax.random.wrap_key_data(data), 1 - self.lora_dropout, x.shape)
+                dropped = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
+                xa = jnp.where(jnp.any(data != 0), dropped, x)
+            y = y + self.lora_scale * jnp.dot(jnp.dot(xa, self.lora_a[...].astype(self.dtype)),
                                               self.lora_b[...].astype(self.dtype))
         return y
 

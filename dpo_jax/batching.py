@@ -198,7 +198,7 @@ class BatchIterator:
     def __init__(self, pairs: Pairs, *, global_batch_size: int, pad_token_id: int, seed: int = 42,
                  shuffle: bool = True, buckets: tuple[int, ...] | None = None, num_buckets: int = 4,
                  multiple: int = 16, process_index: int = 0, process_count: int = 1, layout: str = "pairs",
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, row_multiple: int = 1):
         if global_batch_size % process_count:
             raise UserError(f"the global batch of {global_batch_size} pairs does not divide over {process_count} "
                             f"processes; choose a batch size that is a multiple of {process_count}")
@@ -229,7 +229,10 @@ class BatchIterator:
         self.micro_batches = micro_batches  # packed layout: pack each micro-batch of the step on its own
         if local_pairs % micro_batches:
             raise UserError(f"{local_pairs} pairs per process do not split into {micro_batches} micro-batches")
-        self.row_counts = tuple(sorted({max(1, math.ceil(local_pairs // micro_batches * f)) for f in ROW_FRACTIONS}))
+        # packed rows per micro-batch and process; a multiple of `row_multiple` (the devices a process splits
+        # its rows over), so the rows shard like the pairs
+        self.row_counts = tuple(sorted({-(-max(1, math.ceil(local_pairs // micro_batches * f)) // row_multiple)
+                                        * row_multiple for f in ROW_FRACTIONS}))
         if self.buckets[-1] < self.lengths.max():
             raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "
                             f"({self.lengths.max()} tokens); give buckets up to max_length")

@@ -224,3 +224,10 @@ def test_packed_rows_hold_every_pair_once(processes):
                 assert g["branch"][row][g["segment"][row] == slot].tolist() == branch.tolist()
             used = sum(int((g["segment"][r] >= 0).sum()) for r in range(g["segment"].shape[0]))
             assert used == sum(len(pairs.shared_row(int(i))[0]) for i in g["index"] if i >= 0)
+
+
+def test_packed_row_counts_are_multiples_of_the_devices():
+    batches = BatchIterator(random_pairs(30, max_len=20), global_batch_size=16, pad_token_id=PAD, layout="packed",
+                            row_multiple=4)
+    assert batches.row_counts == (4, 8, 16)
+    assert next(batches)["input_ids"].shape[0] % 4 == 0

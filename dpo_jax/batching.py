@@ -94,15 +94,17 @@ class Pairs:
         """Length of the prompt-sharing row of each pair: prompt + chosen + rejected, as truncated."""
         return self.length["chosen"] + self.length["rejected"] - np.minimum(self.prompt_length, self.length["chosen"])
 
-    def shared_row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pair i as one row, prompt + chosen + rejected, and each token's branch (0 prompt, 1 chosen,
-        2 rejected); the tokens are exactly those of `sequence(i, ...)` (keep_start truncation only)."""
+    def shared_row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pair i as one row, prompt + chosen + rejected: its ids, each token's branch (0 prompt, 1 chosen,
+        2 rejected) and positions (the rejected restart after the prompt). The tokens are exactly those of
+        `sequence(i, ...)` (keep_start truncation only)."""
         chosen, chosen_mask = self.sequence(i, "chosen")
         rejected, rejected_mask = self.sequence(i, "rejected")
         prompt = int((chosen_mask == 0).sum())
         ids = np.concatenate([chosen, rejected[prompt:]])
         branch = np.concatenate([np.where(chosen_mask == 1, 1, 0), np.full(len(rejected) - prompt, 2)])
-        return ids, branch.astype(np.int32)
+        positions = np.concatenate([np.arange(len(chosen)), prompt + np.arange(len(rejected) - prompt)])
+        return ids, branch.astype(np.int32), positions.astype(np.int32)
 
     def sequence(self, i: int, which: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and completion mask of pair i's chosen or rejected sequence, truncated."""
@@ -278,7 +280,11 @@ class BatchIterator:
                 out["attention_mask"][r, s, :len(ids)] = 1
                 out["completion_mask"][r, s, :len(ids)] = mask
         out["position_ids"] = np.maximum(np.cumsum(out["attention_mask"], axis=-1) - 1, 0).astype(np.int32)
-        if self.ref_logps is not None:  # precomputed reference log-probs, [n_pairs, 2]; 0 for filler pairs
+        return self._with_ref(out, local)
+
+    def _with_ref(self, out: dict, local: np.ndarray) -> dict:
+        """Attach the precomputed reference log-probs of the batch's pairs ([b, 2]; 0 for filler pairs)."""
+        if self.ref_logps is not None:
             out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
         return out
 
@@ -292,15 +298,10 @@ class BatchIterator:
         for r, i in enumerate(local):
             if i < 0:
                 continue
-            ids, branch = self.pairs.shared_row(int(i))
-            prompt, chosen = int((branch == 0).sum()), int((branch == 1).sum())
-            out["input_ids"][r, :len(ids)] = ids
-            out["branch"][r, :len(ids)] = branch
-            out["position_ids"][r, :len(ids)] = np.concatenate(
-                [np.arange(prompt + chosen), prompt + np.arange(len(ids) - prompt - chosen)])
-        if self.ref_logps is not None:
-            out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
-        return out
+            ids, branch, positions = self.pairs.shared_row(int(i))
+            out["input_ids"][r, :len(ids)], out["branch"][r, :len(ids)] = ids, branch
+            out["position_ids"][r, :len(ids)] = positions
+        return self._with_ref(out, local)
 
     def _packed_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Several prompt-sharing pairs per row of the run's one row length L (first-fit decreasing), each in
@@ -327,20 +328,17 @@ class BatchIterator:
             for m, members in enumerate(group):
                 r, start = m * k + j, 0  # local row of micro-batch j's m-th row
                 for slot, i in enumerate(members):
-                    ids, branch = self.pairs.shared_row(int(i))
+                    ids, branch, positions = self.pairs.shared_row(int(i))
                     prompt, chosen = int((branch == 0).sum()), int((branch == 1).sum())
                     span = slice(start, start + len(ids))
                     out["input_ids"][r, span], out["branch"][r, span], out["segment"][r, span] = ids, branch, slot
-                    out["position_ids"][r, span] = np.concatenate(
-                        [np.arange(prompt + chosen), prompt + np.arange(len(ids) - prompt - chosen)])
+                    out["position_ids"][r, span] = positions
                     n = where[int(i)]
                     out["pair_row"][n], out["pair_slot"][n] = self.process_index * rows + m, slot
                     out["lengths"][n] = chosen, len(ids) - prompt - chosen
                     out["chosen_targets"][n] = chosen - (prompt == 0)  # a first token needs a prompt before it
                     start += len(ids)
-        if self.ref_logps is not None:
-            out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
-        return out
+        return self._with_ref(out, local)
 
     def _first_fit(self, indices: np.ndarray, length: int) -> list[list[int]]:
         rows: list[list[int]] = []

@@ -219,9 +219,16 @@ def test_packed_rows_hold_every_pair_once(processes):
                     continue
                 # pair_row counts rows of the global batch (process p's rows come after p's predecessors')
                 row, slot = g["pair_row"][k] - p * g["input_ids"].shape[0], g["pair_slot"][k]
-                ids, branch = pairs.shared_row(int(i))
-                assert g["input_ids"][row][g["segment"][row] == slot].tolist() == ids.tolist()
-                assert g["branch"][row][g["segment"][row] == slot].tolist() == branch.tolist()
+                ids, branch, positions = pairs.shared_row(int(i))
+                chosen, _ = pairs.sequence(int(i), "chosen")
+                rejected, _ = pairs.sequence(int(i), "rejected")
+                prompt = int((branch == 0).sum())
+                assert ids.tolist() == chosen.tolist() + rejected[prompt:].tolist()
+                assert positions.tolist() == list(range(len(chosen))) + list(range(prompt, len(rejected)))
+                here = g["segment"][row] == slot
+                assert g["input_ids"][row][here].tolist() == ids.tolist()
+                assert g["branch"][row][here].tolist() == branch.tolist()
+                assert g["position_ids"][row][here].tolist() == positions.tolist()
             used = sum(int((g["segment"][r] >= 0).sum()) for r in range(g["segment"].shape[0]))
             assert used == sum(len(pairs.shared_row(int(i))[0]) for i in g["index"] if i >= 0)
 

@@ -1,0 +1,215 @@
+"""The `dpo-jax train` options: one flat namespace of TRL's option names over the nested config dataclasses.
+
+Every field of `Options`' sections is an option (`--beta 0.1` on the command line, `beta: 0.1` in a
+`--config run.yaml`); the command line overrides the YAML file. A name used by several sections (`seed`)
+sets all of them. Unknown names and values outside a field's choices are errors that suggest the closest
+valid one. `option_table()` renders the table of the README from these dataclasses, so it cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DataConfig
+from .errors import UserError
+from .losses import LOSSES, LossConfig
+from .step import SCHEDULES, OptimConfig
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (TRL's ModelConfig names)."""
+
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] | None = None  # default: q_proj, v_proj (c_attn for GPT-2); all-linear
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The model, the run's length and bookkeeping, and what TRL lacks (mesh, pack_pairs, ...)."""
+
+    model_name_or_path: str | None = None
+    ref_model_name_or_path: str | None = None  # default: the policy's starting weights
+    output_dir: str | None = None
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    logging_steps: int = 10
+    eval_steps: int | None = None  # default: logging_steps
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    seed: int = 42
+    bf16: bool | None = None  # bfloat16 compute; default: on accelerators yes, on the CPU no
+    gradient_checkpointing: bool = True
+    precompute_ref_log_probs: bool = False
+    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
+    mesh: str = "fsdp=-1"  # data=2,fsdp=-1,tensor=1 style; -1 takes the remaining devices
+    pack_pairs: str = "pairs"  # pairs | shared_prefix | packed
+    max_nonfinite_steps: int = 10
+
+
+@dataclass(frozen=True)
+class Options:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# Values a field may take, where they are a closed set.
+CHOICES = {
+    "lr_scheduler_type": SCHEDULES, "loss_type": tuple(LOSSES), "truncation_mode": ("keep_start", "keep_end"),
+    "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
+    "pack_pairs": ("pairs", "shared_prefix", "packed"),
+}
+
+
+def _fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Option name -> the (section, field) pairs it sets."""
+    out: dict[str, list] = {}
+    for section in dataclasses.fields(Options):
+        for f in dataclasses.fields(section.default_factory()):
+            out.setdefault(f.name, []).append((section.name, f))
+    return out
+
+
+FIELDS = _fields()
+
+
+def _type(section: str, f: dataclasses.Field):
+    cls = type(getattr(Options(), section))
+    return typing.get_type_hints(cls)[f.name]
+
+
+def parse_value(name: str, value, annotation):
+    """A YAML or command-line value converted to the field's type; strings are parsed ("0.1", "a,b", "none")."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(annotation)
+    try:
+        if origin is tuple:
+            item = typing.get_args(annotation)[0]
+            items = value.split(",") if isinstance(value, str) else list(value if isinstance(value, (list, tuple))
+                                                                          else [value])
+            return tuple(parse_value(name, v.strip() if isinstance(v, str) else v, item) for v in items)
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            return float(value)
+        return str(value)
+    except (ValueError, TypeError):
+        kind = getattr(annotation, "__name__", str(annotation))
+        raise UserError(f"option {name}: {value!r} is not a valid {kind}") from None
+
+
+def _check_choice(name: str, value) -> None:
+    choices = CHOICES.get(name)
+    for v in (value if isinstance(value, tuple) else (value,)):
+        if choices and v is not None and v not in choices:
+            close = difflib.get_close_matches(str(v), choices, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"option {name}: unknown value {v!r}{hint} The values are {', '.join(choices)}.")
+
+
+def from_dict(values: dict, source: str = "the command line") -> Options:
+    """Options from flat {name: value}; unknown names are errors with the closest known name."""
+    sections: dict[str, dict] = {s.name: {} for s in dataclasses.fields(Options)}
+    for name, value in values.items():
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise UserError(f"unknown option {name!r} in {source}.{hint} `dpo-jax train --help` lists the options.")
+        for section, f in FIELDS[name]:
+            parsed = parse_value(name, value, _type(section, f))
+            _check_choice(name, parsed)
+            sections[section][name] = parsed
+    defaults = Options()
+    return Options(**{s: dataclasses.replace(getattr(defaults, s), **v) for s, v in sections.items()})
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values, not a {type(data).__name__}")
+    return data
+
+
+def parse(argv: list[str]) -> Options:
+    """`--name value` pairs (and `--config file.yaml`) to Options: YAML first, then the command line."""
+    values: dict = {}
+    flags: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; options look like --beta 0.1")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UserError(f"option --{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if name == "config":
+            loaded = load_yaml(value)
+            from_dict(loaded, source=f"--config {value}")  # names and values checked against the file
+            values.update(loaded)
+        else:
+            flags[name] = value
+    return from_dict({**values, **flags})
+
+
+def option_table() -> str:
+    """The README's option table: name, default, and the comment of the field's line, by section."""
+    import inspect
+    import re
+
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    seen = set()
+    for section in dataclasses.fields(Options):
+        cls = type(getattr(Options(), section.name))
+        source = inspect.getsource(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            match = re.search(rf"^\s+{f.name}:.*?#\s*(.*)$", source, re.MULTILINE)
+            meaning = match.group(1) if match else ""
+            if f.name in CHOICES and not meaning:
+                meaning = " | ".join(CHOICES[f.name])
+            lines.append(f"| `{f.name}` | `{default}` | {meaning} |")
+    return "\n".join(lines)
+

@@ -129,11 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--per_device_train_batch_size", type=int, default=8, help="pairs per batch (one device) for the bucket and padding figures")
     _add_config_options(check, DataConfig)
     check.set_defaults(run=_audit)
+
+    train = sub.add_parser("train", help="train with DPO (options: TRL's names; --config run.yaml)",
+                           description="Options are TRL's DPOConfig names, e.g. --beta 0.1 --learning_rate 1e-6; "
+                                       "--config run.yaml takes the same keys and the command line overrides it.")
+    train.set_defaults(run=_train)
     return parser
 
 
+def _train(args) -> None:
+    import json
+
+    from . import options
+    from .trainer import Trainer
+
+    final = Trainer(options.parse(args.options)).train()
+    print(json.dumps(final, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.options = rest
     try:
         args.run(args)
     except UserError as e:

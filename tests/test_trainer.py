@@ -55,3 +55,16 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
                                        err_msg=f"step {step} {key}")
     for a, b in zip(straight_params, resumed_params):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_train_command_errors_exit_2_without_traceback(tmp_path, capsys):
+    from dpo_jax.cli import main
+
+    assert main(["train", "--learnig_rate", "1e-6"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean learning_rate?" in err and "Traceback" not in err
+    model = tiny_model(tmp_path / "model")
+    assert main(["train", "--model_name_or_path", model, "--output_dir", str(tmp_path / "o"),
+                 "--dataset_name", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -54,7 +54,8 @@ class RunConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
     mesh: str = "fsdp=-1"  # data=2,fsdp=-1,tensor=1 style; -1 takes the remaining devices
     pack_pairs: str = "pairs"  # pairs | shared_prefix | packed
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard | wandb | all | none; metrics.jsonl always
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Options:
 CHOICES = {
     "lr_scheduler_type": SCHEDULES, "loss_type": tuple(LOSSES), "truncation_mode": ("keep_start", "keep_end"),
     "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
-    "pack_pairs": ("pairs", "shared_prefix", "packed"),
+    "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
 }
 
 
@@ -213,3 +214,14 @@ def option_table() -> str:
             lines.append(f"| `{f.name}` | `{default}` | {meaning} |")
     return "\n".join(lines)
 
+
+
+def to_dict(o: Options) -> dict:
+    """{section: {name: value}} in JSON types: what a checkpoint stores as the run's config."""
+    return {s.name: {f.name: (list(v) if isinstance(v := getattr(getattr(o, s.name), f.name), tuple) else v)
+                     for f in dataclasses.fields(getattr(o, s.name))} for s in dataclasses.fields(Options)}
+
+
+def from_saved(saved: dict, source: str) -> Options:
+    """The Options that `to_dict` stored (in a checkpoint)."""
+    return from_dict({name: value for section in saved.values() for name, value in section.items()}, source=source)

@@ -229,7 +229,7 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     init = (jnp.zeros((), loss_shape.dtype), jax.tree.map(jnp.zeros_like, state.params), *zeros)
     (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, (_split_micro(batch, k), jnp.arange(k)))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

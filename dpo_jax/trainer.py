@@ -1,23 +1,26 @@
 """The training loop: build the run from `Options`, iterate, log, evaluate, checkpoint, resume.
 
-WIP (issue 5): metrics go to `output_dir/metrics.jsonl`; TensorBoard, plots, the progress bar, the summary and
-multi-process runs are still to come.
+A run writes to `output_dir`: `metrics.jsonl`, TensorBoard events under `runs/`, `checkpoints/<step>/`
+(Orbax: state, data position, options), the reference log-prob cache `ref_logps/` when precomputed, and at the
+end `plots.png`. SIGTERM (a TPU VM's preemption) or Ctrl-C saves a checkpoint at the current step and exits;
+`--resume_from_checkpoint true` continues from the newest readable checkpoint exactly where it stopped.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import logging
 import math
 import signal
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import lora, reference
+from . import lora, reference, report
+from . import options as opts
 from . import step as S
 from .batching import BatchIterator, load_pairs
 from .checkpoint import Checkpoints, abstract
@@ -26,6 +29,8 @@ from .errors import UserError
 from .hf import from_pretrained, load_tokenizer
 from .options import Options
 from .sharding import make_mesh
+
+log = logging.getLogger(__name__)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -43,130 +48,227 @@ def parse_mesh(text: str) -> dict[str, int]:
     return {**sizes, **given}
 
 
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def compute_dtype(o: Options):
+    bf16 = o.run.bf16 if o.run.bf16 is not None else jax.default_backend() != "cpu"
+    return jnp.bfloat16 if bf16 else jnp.float32
+
+
+def step_config(o: Options) -> S.StepConfig:
+    return S.StepConfig(loss=o.loss, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
+                        gradient_checkpointing=o.run.gradient_checkpointing, lora=o.lora.use_peft, seed=o.run.seed)
+
+
+class Models(NamedTuple):
+    """The policy split for the step, and its reference. With LoRA, `params` are the adapters, `ref` is
+    (dropout keys, base weights) and `ref_graphdef` is None: the base model is not held twice."""
+
+    config: Any  # the policy's model config
+    graphdef: Any
+    params: Any
+    ref_graphdef: Any
+    ref: Any
+    ref_config: Any
+
+
+def build_models(o: Options, mesh, dtype) -> Models:
+    policy = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh)
+    if o.lora.use_peft:
+        if o.run.ref_model_name_or_path:
+            raise UserError("use_peft trains adapters against their own base model, so ref_model_name_or_path "
+                            "is not used with it; drop one of the two (as TRL)")
+        lora.apply_lora(policy, o.lora.lora_r, o.lora.lora_alpha, o.lora.lora_target_modules or None,
+                        o.lora.lora_dropout, seed=o.run.seed)
+        graphdef, params, ref = lora.split_lora(policy, o.run.gradient_checkpointing)
+        return Models(policy.config, graphdef, params, None, ref, policy.config)
+    graphdef, params = S.split_policy(policy, o.run.gradient_checkpointing)
+    ref_model = from_pretrained(o.run.ref_model_name_or_path or o.run.model_name_or_path, dtype=dtype, mesh=mesh)
+    ref_graphdef, ref = S.split_reference(ref_model)
+    return Models(policy.config, graphdef, params, ref_graphdef, ref, ref_model.config)
+
+
+def eval_metrics(evaluate, params, ref, batches: BatchIterator, mesh, cfg: S.StepConfig) -> dict:
+    """TRL's eval_* metrics over every pair of `batches` (one ordered epoch)."""
+    sums = None
+    for s in range(batches.steps_per_epoch):
+        batch = jax.device_put(_arrays(batches.batch(0, s)), S.batch_sharding(mesh))
+        out = evaluate(params, ref, batch)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    return {f"eval_{k}": float(v) for k, v in S.finish_eval(jax.tree.map(float, sums), cfg).items()}
+
+
+def _arrays(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens the model reads for this batch."""
+    return int(batch["attention_mask"].sum() if "attention_mask" in batch else (batch["branch"] >= 0).sum())
+
+
 class Trainer:
     def __init__(self, options: Options):
         self.o = o = options
         if not o.run.model_name_or_path or not o.run.output_dir:
             raise UserError("train needs --model_name_or_path and --output_dir")
         self.out = Path(o.run.output_dir)
+        self.main = jax.process_index() == 0
         self.mesh = make_mesh(**parse_mesh(o.run.mesh))
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.global_batch = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
         self.tokenizer = load_tokenizer(o.run.model_name_or_path)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = pad_id(self.tokenizer)
         self.train_pairs, _ = load_pairs(o.data, o.data.dataset_train_split, self.tokenizer)
         self.batches = BatchIterator(self.train_pairs, global_batch_size=self.global_batch, pad_token_id=pad,
                                      seed=o.run.seed, shuffle=o.data.shuffle, num_buckets=o.data.num_length_buckets,
                                      multiple=o.data.pad_to_multiple_of, layout=o.run.pack_pairs,
                                      micro_batches=o.run.gradient_accumulation_steps, row_multiple=batch_devices)
-        self.eval_batches = self._eval_batches(pad)
-        dtype = jnp.bfloat16 if o.run.bf16 else jnp.float32
-        policy = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=self.mesh)
-        self.train_pairs.check_vocab(policy.config.vocab_size)
-        self.cfg = S.StepConfig(loss=o.loss, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
-                                gradient_checkpointing=o.run.gradient_checkpointing, lora=o.lora.use_peft,
-                                seed=o.run.seed)
-        if o.lora.use_peft:
-            lora.apply_lora(policy, o.lora.lora_r, o.lora.lora_alpha, o.lora.lora_target_modules or None,
-                            o.lora.lora_dropout, seed=o.run.seed)
-            self.graphdef, params, self.ref = lora.split_lora(policy, o.run.gradient_checkpointing)
-            self.ref_graphdef = None
-        else:
-            self.graphdef, params = S.split_policy(policy, o.run.gradient_checkpointing)
-            ref_model = from_pretrained(o.run.ref_model_name_or_path or o.run.model_name_or_path, dtype=dtype,
-                                        mesh=self.mesh)
-            self.ref_graphdef, self.ref = S.split_reference(ref_model)
+        self.eval_pairs = self._eval_pairs()
+        self.eval_batches = self.eval_pairs and BatchIterator(
+            self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
+            shuffle=False)
+        self.dtype = compute_dtype(o)
+        models = build_models(o, self.mesh, self.dtype)
+        self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
+        for pairs in filter(None, (self.train_pairs, self.eval_pairs)):
+            pairs.check_vocab(models.config.vocab_size)
+        self.cfg = step_config(o)
+        if o.run.precompute_ref_log_probs:
+            self._precompute(params, models.ref_config, pad)
         self.total_steps = self._total_steps()
+        self.schedule = S.make_schedule(o.optim, self.total_steps)
         self.tx = S.make_optimizer(o.optim, self.total_steps)
         self.state = S.init_state(params, self.tx)
+        del params
         self.train_step = S.compile_train_step(self.graphdef, self.ref_graphdef, self.cfg, self.tx, self.mesh,
                                                self.state, self.ref)
+        self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg)
         self.checkpoints = Checkpoints(self.out / "checkpoints", max_to_keep=o.run.save_total_limit)
 
-    def _eval_batches(self, pad):
+    def _eval_pairs(self):
         split = self.o.data.dataset_test_split
         if not split:
             return None
         try:
-            pairs, _ = load_pairs(self.o.data, split, self.tokenizer)
+            return load_pairs(self.o.data, split, self.tokenizer)[0]
         except MissingSplit:
+            if split != type(self.o.data)().dataset_test_split:
+                raise  # asked for by name: its absence is the user's error
+            log.warning("no %r split in %s: no evaluation (give --dataset_test_split, e.g. \"train[90%%:]\")",
+                        split, self.o.data.dataset_name)
             return None
+
+    def _precompute(self, params, ref_config, pad: int) -> None:
+        """Reference log-probs of the train and test pairs, computed once (or read from the cache), attached to
+        the batches; without LoRA the reference model is then dropped from memory."""
         batch = self.o.run.per_device_eval_batch_size * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return BatchIterator(pairs, global_batch_size=batch, pad_token_id=pad, shuffle=False)
+        ref_graphdef = self.ref_graphdef or self.graphdef
+        ref = self.ref if self.ref_graphdef else (jax.tree.map(jnp.zeros_like, params), *self.ref)
+        dirs = [self.out / "ref_logps", reference.default_cache_dir()]
+        for pairs, batches in ((self.train_pairs, self.batches), (self.eval_pairs, self.eval_batches)):
+            if pairs:
+                key = reference.cache_key(ref, ref_config, pairs, self.dtype)
+                batches.ref_logps = reference.precompute(ref_graphdef, ref, pairs, batch_size=batch, pad_token_id=pad,
+                                                         cache_dirs=dirs, key=key)
+        if self.ref_graphdef:
+            self.ref_graphdef, self.ref = None, None
 
     def _total_steps(self) -> int:
         if self.o.run.max_steps > 0:
             return self.o.run.max_steps
         return max(1, math.ceil(self.o.run.num_train_epochs * self.batches.steps_per_epoch))
 
-    def _put(self, batch: dict) -> dict:
-        return jax.device_put(batch, S.batch_sharding(self.mesh))
-
     def evaluate(self) -> dict:
-        """TRL's eval_* metrics over the whole test split."""
-        if self.eval_batches is None:
+        if not self.eval_batches:
             return {}
-        evaluate = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg)
-        sums = None
-        for s in range(self.eval_batches.steps_per_epoch):
-            batch = self._put({k: v for k, v in self.eval_batches.batch(0, s).items() if k != "index"})
-            out = evaluate(self.state.params, self.ref, batch)
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        return {f"eval_{k}": float(v) for k, v in S.finish_eval(jax.tree.map(float, sums), self.cfg).items()}
-
-    def _options_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self.o), default=str))
+        return eval_metrics(self.eval_step, self.state.params, self.ref, self.eval_batches, self.mesh, self.cfg)
 
     def _resume(self) -> int:
         spec = self.o.run.resume_from_checkpoint
-        if not spec:
+        if not spec or spec.lower() == "false":
             return 0
         checkpoints = self.checkpoints if spec.lower() == "true" else Checkpoints(Path(spec).parent)
         step = None if spec.lower() == "true" else int(Path(spec).name)
-        step, self.state, position, _ = checkpoints.restore(abstract(self.state), step)
+        step, self.state, position, saved = checkpoints.restore(abstract(self.state), step)
         self.batches.load_state_dict(position)
+        now = opts.to_dict(self.o)
+        changed = [f"{name} ({saved[s][name]!r} -> {value!r})" for s, section in now.items()
+                   for name, value in section.items() if name != "resume_from_checkpoint"
+                   and saved.get(s, {}).get(name, value) != value]
+        if changed:
+            log.warning("resuming with options changed since the checkpoint: %s", ", ".join(changed))
         return step
 
     def _save(self, step: int) -> None:
         if step not in self.checkpoints.steps():
-            self.checkpoints.save(step, self.state, self.batches.state_dict(), self._options_json())
+            self.checkpoints.save(step, self.state, self.batches.state_dict(), opts.to_dict(self.o))
 
     def train(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Train to `total_steps` (or until SIGTERM / Ctrl-C), evaluating and checkpointing on the way; returns
+        the final evaluation (empty without a test split, or when stopped early)."""
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         start = self._resume()
-        stop = {"now": False}
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # preemption: save, then exit
-        log = open(self.out / "metrics.jsonl", "a")
-        step = start
+        reporter = report.Reporter(self.out, self.o.run.report_to, start_step=start, enabled=self.main,
+                                   run_name=self.out.name, config=opts.to_dict(self.o))
+        stop = []
+        handlers = {sig: signal.signal(sig, lambda number, _: stop.append(number))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        bar = report.progress(self.total_steps, start, self.main)
+        eval_every = self.o.run.eval_steps or self.o.run.logging_steps
+        step, tokens, seconds, last, final = start, 0, 0.0, {}, {}
         try:
+            tick = time.perf_counter()
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(self.batches)
-                t0 = time.perf_counter()
-                self.state, metrics = self.train_step(self.state, self.ref, self._put(
-                    {k: v for k, v in batch.items() if k != "index"}))
+                self.state, metrics = self.train_step(self.state, self.ref, jax.device_put(
+                    _arrays(batch), S.batch_sharding(self.mesh)))
+                metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
                 S.check_finite(metrics, self.o.run.max_nonfinite_steps)
+                now = time.perf_counter()
+                n = batch_tokens(batch) * jax.process_count()
+                tokens, seconds, elapsed, tick = tokens + n, seconds + now - tick, now - tick, now
+                bar.update(1)
+                bar.set_postfix(report.postfix(metrics, n / elapsed), refresh=False)
+                if not metrics.pop("applied"):
+                    bar.write(f"step {step}: loss or gradients not finite; the update was skipped")
+                metrics.pop("nonfinite_run")
                 if step % self.o.run.logging_steps == 0 or step == self.total_steps:
-                    row = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                           "step_time": time.perf_counter() - t0}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                if self.eval_batches is not None and step % (self.o.run.eval_steps or self.o.run.logging_steps) == 0:
-                    log.write(json.dumps({"step": step, **self.evaluate()}) + "\n")
-                    log.flush()
-                if step % self.o.run.save_steps == 0 or stop["now"]:
+                    last = {**metrics, "learning_rate": float(self.schedule(step - 1)),
+                            "epoch": step / self.batches.steps_per_epoch, "tokens_per_second": n / elapsed}
+                    reporter.log(step, last)
+                if self.eval_batches and step % eval_every == 0 and step != self.total_steps:
+                    reporter.log(step, self.evaluate())
+                if step % self.o.run.save_steps == 0 or stop:
                     self._save(step)
-                if stop["now"]:
-                    self.checkpoints.wait()
-                    return {}
-            final = self.evaluate()
-            if final:
-                log.write(json.dumps({"step": step, **final}) + "\n")
-            self._save(step)
+                if stop:
+                    bar.write(f"stopped by signal {stop[0]} at step {step}; checkpoint saved, resume with "
+                              f"--resume_from_checkpoint true")
+                    break
+                tick = time.perf_counter()
+            else:
+                final = self.evaluate()
+                if final:
+                    reporter.log(step, final)
+                self._save(step)
             self.checkpoints.wait()
-            return final
         finally:
-            log.close()
-            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+            reporter.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if self.main and not stop:
+            written = ["metrics.jsonl", "checkpoints/"]
+            if reporter.tb is not None:
+                written.append("runs/ (TensorBoard: tensorboard --logdir " + str(self.out / "runs") + ")")
+            report.plot(self.out / "metrics.jsonl", self.out / "plots.png")
+            written.append("plots.png")
+            print(report.summary(final=final, train=last, steps=step - start, tokens=tokens, seconds=seconds,
+                                 out=self.out, written=written))
+        return final
 
 
 def params_numpy(state) -> list[np.ndarray]:

@@ -58,11 +58,36 @@ class Checkpoints:
             return s, restored["state"], dict(restored["data"]), dict(restored["options"])
         raise UserError(f"none of the checkpoints in {self.directory} ({', '.join(map(str, steps))}) can be read")
 
+    def saved_options(self, step: int | None = None) -> dict:
+        """The run's options stored with `step` (default: the newest checkpoint whose options read back)."""
+        for s in ([step] if step is not None else self.steps()[::-1]):
+            try:
+                return dict(self.manager.restore(s, args=ocp.args.Composite(options=ocp.args.JsonRestore()))["options"])
+            except Exception as e:
+                if step is not None:
+                    raise UserError(f"checkpoint {s} in {self.directory} cannot be read ({type(e).__name__})") from e
+                log.warning("checkpoint %s in %s cannot be read (%s); trying the one before", s, self.directory,
+                            type(e).__name__)
+        raise UserError(f"no readable checkpoint in {self.directory}")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def find(path: str | Path) -> tuple[Path, int | None] | None:
+    """(checkpoints directory, step or None for the newest) that `path` names: a run's output_dir, its
+    `checkpoints/` directory, or one `checkpoints/<step>` directory. None when it is not one of ours."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.name.isdigit() and (p / "options").is_dir():
+        return p.parent, int(p.name)
+    if p.is_dir() and any(c.name.isdigit() and (c / "options").is_dir() for c in p.iterdir()):
+        return p, None
+    return None
 
 
 def abstract(tree):

@@ -134,23 +134,45 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Options are TRL's DPOConfig names, e.g. --beta 0.1 --learning_rate 1e-6; "
                                        "--config run.yaml takes the same keys and the command line overrides it.")
     train.set_defaults(run=_train)
+    evaluate = sub.add_parser("evaluate", help="TRL's eval_* metrics of a model or checkpoint on a split, as JSON",
+                              description="--model_name_or_path M (a model, or a run / checkpoint of dpo-jax train) "
+                                          "[--ref_model_name_or_path R] --dataset_name D [--dataset_test_split S] "
+                                          "[--output_json F], and any train option (beta, loss_type, max_length, "
+                                          "...). A checkpoint's run options are the defaults.")
+    evaluate.set_defaults(run=_evaluate)
+    export = sub.add_parser("export", help="a checkpoint to a Hugging Face directory (config, safetensors, tokenizer)")
+    export.add_argument("--checkpoint", required=True, help="a run's output_dir (newest checkpoint) or checkpoints/<step>")
+    export.add_argument("--output_dir", required=True)
+    export.add_argument("--mesh", default="fsdp=-1", help="devices to load the checkpoint onto")
+    export.set_defaults(run=_export)
     return parser
 
 
-def _train(args) -> None:
+def _evaluate(args) -> None:
     import json
 
+    from .runs import evaluate
+
+    print(json.dumps(evaluate(args.options), indent=1))
+
+
+def _export(args) -> None:
+    from .runs import export
+
+    export(args.checkpoint, args.output_dir, args.mesh)
+
+
+def _train(args) -> None:
     from . import options
     from .trainer import Trainer
 
-    final = Trainer(options.parse(args.options)).train()
-    print(json.dumps(final, indent=1))
+    Trainer(options.parse(args.options)).train()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "train" and rest:
+    if args.command not in ("train", "evaluate") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.options = rest
     try:

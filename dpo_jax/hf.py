@@ -23,6 +23,7 @@ from flax import nnx
 
 from . import sharding
 from .errors import CheckpointError
+from .lora import merged_kernels
 from .models import config_from_hf, family
 from .namemap import NameMap
 
@@ -259,27 +260,12 @@ def load_tokenizer(path_or_repo_id: str):
 def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, bool]]:
     module = family(model.config.model_type)
     name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)
-    merged = _merged_lora_kernels(model)
+    merged = merged_kernels(model)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(variable, nnx.LoRAParam):
             continue  # folded into its kernel below
         name, transpose = name_map.to_theirs(_path_str(path))
         yield name, merged.get(path, variable.get_value()), transpose
-
-
-def _merged_lora_kernels(model: nnx.Module) -> dict:
-    """Kernels with their LoRA adapters folded in (W + scale * A B), by parameter path: an export is a plain
-    model that transformers loads, whatever was trained."""
-    from .models.layers import Linear
-
-    out = {}
-    for path, module in nnx.iter_graph(model):
-        if isinstance(module, Linear) and module.lora_a is not None:
-            kernel = module.kernel.get_value()
-            delta = module.lora_scale * (module.lora_a.get_value().astype(jnp.float32)
-                                         @ module.lora_b.get_value().astype(jnp.float32))
-            out[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-    return out
 
 
 def export_pretrained(model: nnx.Module, out_dir: str, tokenizer: Any = None, *,

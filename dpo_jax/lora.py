@@ -64,7 +64,10 @@ def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.
         linear.lora_scale = alpha / rank
         if dropout:
             linear.lora_dropout = dropout
-            linear.lora_key = LoRAKey(jnp.zeros((2,), jnp.uint32))
+            key_data = jnp.zeros((2,), jnp.uint32)
+            if isinstance(placed, jax.sharding.NamedSharding):  # replicated over the model's mesh
+                key_data = jax.device_put(key_data, jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec()))
+            linear.lora_key = LoRAKey(key_data)
         count += 1
     if not count:
         raise UserError("lora_target_modules matched no linear layer")
@@ -85,3 +88,26 @@ def dropout_keys(keys: nnx.State, salt: jax.Array, seed: int) -> nnx.State:
     base = jax.random.fold_in(jax.random.key(seed), salt)
     fresh = [jax.random.key_data(jax.random.fold_in(base, i)) | jnp.uint32(1) for i in range(len(leaves))]
     return jax.tree.unflatten(tree, fresh)
+
+
+def merged_kernels(model) -> dict:
+    """Kernels with their adapters folded in (W + scale * A B, in float32, cast back), by parameter path."""
+    out = {}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Linear) and module.lora_a is not None:
+            kernel = module.kernel.get_value()
+            delta = module.lora_scale * (module.lora_a.get_value().astype(jnp.float32)
+                                         @ module.lora_b.get_value().astype(jnp.float32))
+            out[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return out
+
+
+def merge(model):
+    """Fold the adapters into their kernels, in place: the model becomes a plain model computing the same."""
+    merged = merged_kernels(model)
+    for path, module in nnx.iter_graph(model):
+        if (*path, "kernel") in merged:
+            module.kernel.set_value(merged[(*path, "kernel")])
+            module.lora_a = module.lora_b = module.lora_key = None
+            module.lora_scale = module.lora_dropout = 0.0
+    return model

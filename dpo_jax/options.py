@@ -169,6 +169,11 @@ def load_yaml(path: str) -> dict:
 
 def parse(argv: list[str]) -> Options:
     """`--name value` pairs (and `--config file.yaml`) to Options: YAML first, then the command line."""
+    return from_dict(parse_values(argv))
+
+
+def parse_values(argv: list[str]) -> dict:
+    """The flat {name: value} that `argv` gives (YAML file first, command line over it), names checked."""
     values: dict = {}
     flags: dict = {}
     i = 0
@@ -189,7 +194,8 @@ def parse(argv: list[str]) -> Options:
             values.update(loaded)
         else:
             flags[name] = value
-    return from_dict({**values, **flags})
+    from_dict(flags)  # names and values checked
+    return {**values, **flags}
 
 
 def option_table() -> str:

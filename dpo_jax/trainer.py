@@ -8,6 +8,7 @@ end `plots.png`. SIGTERM (a TPU VM's preemption) or Ctrl-C saves a checkpoint at
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -62,6 +63,12 @@ def step_config(o: Options) -> S.StepConfig:
                         gradient_checkpointing=o.run.gradient_checkpointing, lora=o.lora.use_peft, seed=o.run.seed)
 
 
+def lora_targets(o: Options):
+    """lora_target_modules as `apply_lora` takes it: None (PEFT's default), "all-linear", or names."""
+    targets = o.lora.lora_target_modules
+    return lora.ALL_LINEAR if targets == (lora.ALL_LINEAR,) else targets or None
+
+
 class Models(NamedTuple):
     """The policy split for the step, and its reference. With LoRA, `params` are the adapters, `ref` is
     (dropout keys, base weights) and `ref_graphdef` is None: the base model is not held twice."""
@@ -80,7 +87,7 @@ def build_models(o: Options, mesh, dtype) -> Models:
         if o.run.ref_model_name_or_path:
             raise UserError("use_peft trains adapters against their own base model, so ref_model_name_or_path "
                             "is not used with it; drop one of the two (as TRL)")
-        lora.apply_lora(policy, o.lora.lora_r, o.lora.lora_alpha, o.lora.lora_target_modules or None,
+        lora.apply_lora(policy, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o),
                         o.lora.lora_dropout, seed=o.run.seed)
         graphdef, params, ref = lora.split_lora(policy, o.run.gradient_checkpointing)
         return Models(policy.config, graphdef, params, None, ref, policy.config)
@@ -111,9 +118,14 @@ def batch_tokens(batch: dict) -> int:
 
 class Trainer:
     def __init__(self, options: Options):
-        self.o = o = options
-        if not o.run.model_name_or_path or not o.run.output_dir:
+        if not options.run.model_name_or_path or not options.run.output_dir:
             raise UserError("train needs --model_name_or_path and --output_dir")
+        local = {k: str(Path(v).absolute()) for k in ("model_name_or_path", "ref_model_name_or_path")
+                 if (v := getattr(options.run, k)) and Path(v).exists()}  # checkpoints name the models absolutely
+        data = options.data
+        if data.dataset_name and Path(data.dataset_name).exists():
+            data = dataclasses.replace(data, dataset_name=str(Path(data.dataset_name).absolute()))
+        self.o = o = dataclasses.replace(options, run=dataclasses.replace(options.run, **local), data=data)
         self.out = Path(o.run.output_dir)
         self.main = jax.process_index() == 0
         self.mesh = make_mesh(**parse_mesh(o.run.mesh))

@@ -1,0 +1,135 @@
+"""A trained run's checkpoint used as a model: `dpo-jax evaluate` and `dpo-jax export`.
+
+A checkpoint stores the trained parameters (all of them, or the LoRA adapters) and the run's options; the
+model is rebuilt from the options' `model_name_or_path` and the parameters restored into it, sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from flax import nnx
+
+from . import checkpoint, lora
+from . import options as opts
+from . import step as S
+from .batching import BatchIterator, load_pairs
+from .errors import UserError
+from .hf import export_pretrained, from_pretrained, load_tokenizer
+from .options import Options
+from .sharding import make_mesh
+from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, parse_mesh, step_config
+
+EVAL_KEYS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
+             "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected", "eval_logits/chosen",
+             "eval_logits/rejected")
+
+
+def run_options(path: str) -> Options | None:
+    """The options of the run whose checkpoint `path` names, or None when `path` is not a checkpoint."""
+    found = checkpoint.find(path)
+    if found is None:
+        return None
+    directory, step = found
+    return opts.from_saved(checkpoint.Checkpoints(directory).saved_options(step), source=f"checkpoint {path}")
+
+
+def load_trained(path: str, mesh, dtype) -> tuple[nnx.Module, Options, int]:
+    """(the trained policy with any LoRA adapters folded in, the run's options, the step) of a checkpoint."""
+    found = checkpoint.find(path)
+    if found is None:
+        raise UserError(f"{path} is not a dpo-jax checkpoint: give a run's output_dir, its checkpoints/ "
+                        f"directory, or one checkpoints/<step> directory")
+    directory, step = found
+    manager = checkpoint.Checkpoints(directory)
+    o = opts.from_saved(manager.saved_options(step), source=f"checkpoint {path}")
+    model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh)
+    if o.lora.use_peft:
+        lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o),
+                        o.lora.lora_dropout, seed=o.run.seed)
+        trainable = nnx.LoRAParam
+    else:
+        trainable = nnx.Param
+    params = nnx.state(model, trainable)
+    step, state, _, _ = manager.restore(S.abstract_state(params, S.make_optimizer(o.optim, 1)), step)
+    nnx.update(model, state.params)
+    manager.close()
+    return lora.merge(model) if o.lora.use_peft else model, o, step
+
+
+def evaluate(argv: list[str]) -> dict:
+    """`dpo-jax evaluate`: TRL's eval_* metrics of a model (or checkpoint) against a reference on a split.
+    For a checkpoint, its run's options (dataset, beta, loss_type, max_length, ...) are the defaults and the
+    reference defaults to the run's reference; for a model, the reference defaults to the model itself."""
+    argv, output_json = pop_option(argv, "output_json")
+    given = opts.parse_values(argv)
+    model_path = given.get("model_name_or_path")
+    if not model_path:
+        raise UserError("evaluate needs --model_name_or_path (a model, or a dpo-jax run / checkpoint)")
+    trained = run_options(model_path)
+    base = opts.to_dict(trained) if trained else {}
+    o = opts.from_dict({**{k: v for section in base.values() for k, v in section.items()
+                           if k not in ("model_name_or_path", "ref_model_name_or_path", "resume_from_checkpoint")},
+                        **given})
+    mesh = make_mesh(**parse_mesh(o.run.mesh))
+    dtype = compute_dtype(o)
+    if trained:
+        policy, _, step = load_trained(model_path, mesh, dtype)
+        tokenizer = load_tokenizer(trained.run.model_name_or_path)
+        ref_path = (o.run.ref_model_name_or_path or trained.run.ref_model_name_or_path
+                    or trained.run.model_name_or_path)
+        print(f"evaluating checkpoint step {step} of {model_path} against {ref_path}", file=sys.stderr)
+    else:
+        policy, tokenizer = from_pretrained(model_path, dtype=dtype, mesh=mesh), load_tokenizer(model_path)
+        ref_path = o.run.ref_model_name_or_path or model_path
+    graphdef, params = S.split_reference(policy)
+    ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh))
+    split = o.data.dataset_test_split
+    if not split:
+        raise UserError("evaluate needs a split: give --dataset_test_split (e.g. test, or \"train[90%:]\")")
+    pairs, _ = load_pairs(o.data, split, tokenizer)
+    pairs.check_vocab(policy.config.vocab_size)
+    batches = BatchIterator(pairs, global_batch_size=o.run.per_device_eval_batch_size * mesh.shape["data"]
+                            * mesh.shape["fsdp"], pad_token_id=pad_id(tokenizer), shuffle=False)
+    cfg = dataclasses.replace(step_config(o), lora=False)  # adapters are folded in: a plain policy
+    evaluate_step = S.compile_eval_step(graphdef, ref_graphdef, cfg)
+    metrics = eval_metrics(evaluate_step, params, ref, batches, mesh, cfg)
+    metrics = {k: metrics[k] for k in EVAL_KEYS if k in metrics} | {k: v for k, v in metrics.items()
+                                                                   if k not in EVAL_KEYS}
+    text = json.dumps(metrics, indent=1)
+    if output_json:
+        out = Path(output_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
+    return metrics
+
+
+def pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """`argv` without `--name value` (or `--name=value`), and the value."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == f"--{name}" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith(f"--{name}="):
+            value, i = argv[i].partition("=")[2], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, value
+
+
+def export(checkpoint_path: str, output_dir: str, mesh_spec: str = "fsdp=-1") -> str:
+    """`dpo-jax export`: a checkpoint to a Hugging Face directory (config, safetensors, tokenizer files),
+    adapters folded in, parameters in the dtype they were trained in."""
+    import jax.numpy as jnp
+
+    mesh = make_mesh(**parse_mesh(mesh_spec))
+    model, o, step = load_trained(checkpoint_path, mesh, jnp.float32)
+    out = export_pretrained(model, output_dir, load_tokenizer(o.run.model_name_or_path))
+    print(f"exported step {step} of {checkpoint_path} (base {o.run.model_name_or_path}) to {out}")
+    return out

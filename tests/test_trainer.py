@@ -1,8 +1,11 @@
 """The training loop: a preempted run resumed from its checkpoint ends exactly as an uninterrupted one."""
 
 import json
+import logging
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -68,3 +71,57 @@ def test_train_command_errors_exit_2_without_traceback(tmp_path, capsys):
                  "--dataset_name", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+KILLED_AT_STEP_4 = """
+import os, signal, sys
+from dpo_jax import step
+compile_train_step = step.compile_train_step
+
+def killed_in_step_4(*args, **kwargs):
+    train_step, calls = compile_train_step(*args, **kwargs), []
+    def run(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: a machine that dies
+        return train_step(*a)
+    return run
+
+step.compile_train_step = killed_in_step_4
+from dpo_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_and_a_truncated_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path, caplog):
+    """`dpo-jax train` killed with SIGKILL while in step 4 (checkpoints every step, the newest perhaps half
+    written); the newest complete one is then truncated; `--resume_from_checkpoint true` falls back past it and
+    the run ends as the uninterrupted one: the same metrics for every step and the same parameters."""
+    model = tiny_model(tmp_path / "model")
+    straight, straight_params = run(model, tmp_path / "a")
+    args = ["train", "--model_name_or_path", model, "--output_dir", str(tmp_path / "b"), "--max_steps", "6",
+            "--per_device_train_batch_size", "1", "--mesh", "data=2,fsdp=-1", "--logging_steps", "1",
+            "--save_steps", "1", "--learning_rate", "1e-3", "--max_length", "128", "--dataset_test_split",
+            "test[:8]", "--eval_steps", "100"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_4, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] >= 2, saved
+    for f in (tmp_path / "b" / "checkpoints" / str(saved[-1]) / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1:
+            f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])  # a copy cut short
+    with caplog.at_level(logging.WARNING):
+        resumed, resumed_params = run(model, tmp_path / "b", "--save_steps", "1", "--resume_from_checkpoint", "true")
+    assert f"checkpoint {saved[-1]} " in caplog.text and "cannot be read" in caplog.text
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # one history: rows after the resumed step were cut
+    for step in range(1, 7):
+        for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):
+            np.testing.assert_allclose(resumed[step][key], straight[step][key], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"step {step} {key}")
+    for a, b in zip(straight_params, resumed_params):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_python_m_dpo_jax_runs_the_command():
+    out = subprocess.run([sys.executable, "-m", "dpo_jax", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "TRL's DPOConfig names" in out.stdout

@@ -125,3 +125,37 @@ def test_sigkill_and_a_truncated_checkpoint_then_resume_equals_an_uninterrupted_
 def test_python_m_dpo_jax_runs_the_command():
     out = subprocess.run([sys.executable, "-m", "dpo_jax", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "TRL's DPOConfig names" in out.stdout
+
+
+def test_precomputed_reference_trains_as_the_live_one(tmp_path, monkeypatch):
+    """--precompute_ref_log_probs: the same metrics and parameters as a live reference (the reference's
+    log-probs come from other batches, so they agree to float32 rounding), a cache in output_dir/ref_logps
+    and in the user cache, and no reference model kept."""
+    monkeypatch.setenv("DPO_JAX_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(tmp_path / "model")
+    live, live_params = run(model, tmp_path / "a")
+    o = options.parse(["--model_name_or_path", model, "--output_dir", str(tmp_path / "b"), "--max_steps", "6",
+                       "--per_device_train_batch_size", "1", "--mesh", "data=2,fsdp=-1", "--logging_steps", "1",
+                       "--learning_rate", "1e-3", "--max_length", "128", "--dataset_test_split", "test[:8]",
+                       "--precompute_ref_log_probs", "true"])
+    trainer = Trainer(o)
+    assert trainer.ref is None and trainer.ref_graphdef is None
+    start = params_numpy(trainer.state)
+    final = trainer.train()
+    rows = {r["step"]: r for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl")) if "loss" in r}
+    # The reference log-probs were summed in other batches (other padding, other order): a sum of ~100 token
+    # log-probs of magnitude |logps| agrees to a few float32 ulps of |logps|; rewards scale that by beta.
+    ulps = 8 * np.finfo(np.float32).eps * max(abs(live[s]["logps/rejected"]) for s in live)
+    for step in range(1, 7):
+        np.testing.assert_allclose(rows[step]["logps/chosen"], live[step]["logps/chosen"], rtol=1e-6)
+        for key in ("loss", "rewards/margins", "rewards/chosen", "grad_norm"):
+            np.testing.assert_allclose(rows[step][key], live[step][key], rtol=1e-5, atol=0.1 * ulps,
+                                       err_msg=f"step {step} {key}")
+    # Adam divides by the gradient's RMS: elements whose gradient nearly cancels amplify those ulps, so the
+    # whole update is compared, in norm.
+    moved = np.sqrt(sum(((b - a) ** 2).sum() for a, b in zip(start, live_params)))
+    apart = np.sqrt(sum(((b - a) ** 2).sum() for a, b in zip(live_params, params_numpy(trainer.state))))
+    assert apart < 1e-4 * moved, (apart, moved)
+    assert "eval_rewards/margins" in final
+    assert len(list((tmp_path / "b" / "ref_logps").glob("*.npy"))) == 2  # train and test
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.npy"))) == 2

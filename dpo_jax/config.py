@@ -24,7 +24,7 @@ class DataConfig:
     truncation_mode: str = "keep_start"  # keep_start | keep_end, as TRL, at max_length
     pad_to_multiple_of: int = 16  # bucket lengths are multiples of this (or max_length)
     num_length_buckets: int = 4  # compiled sequence lengths for a run, chosen to minimise padding
-    shuffle: bool = True
-    seed: int = 42
-    dataset_num_proc: int | None = None
+    shuffle: bool = True  # a new order of the training pairs every epoch, from seed and epoch
+    seed: int = 42  # data order, LoRA initialisation and dropout
+    dataset_num_proc: int | None = None  # processes for tokenizing (datasets.map num_proc)
     audit_fail_on: tuple[str, ...] = field(default_factory=tuple)  # audit counts that stop the run when > 0

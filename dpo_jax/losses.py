@@ -38,14 +38,14 @@ class PairLogps:
 class LossConfig:
     """The options of the losses; names as TRL's DPOConfig."""
 
-    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_type: tuple[str, ...] = ("sigmoid",)  # one or more of TRL's loss types (comma-separated), or simpo; see "Losses"
     loss_weights: tuple[float, ...] | None = None  # one per loss_type; default 1.0 each
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    discopop_tau: float = 0.05
+    beta: float = 0.1  # strength of the KL penalty; rewards are beta * (policy - reference) log-probs
+    label_smoothing: float = 0.0  # cDPO: assumed probability that a preference label is flipped
+    discopop_tau: float = 0.05  # temperature of the discopop loss's mixing
     simpo_gamma: float = 0.5  # SimPO's target margin gamma (the paper's, not gamma/beta)
     rpo_alpha: float | None = None  # weight of an NLL-on-chosen term added to the losses (RPO)
-    reference_free: bool = False
+    reference_free: bool = False  # compare against a uniform reference (log-probs 0): no reference model
 
     def __post_init__(self):
         unknown = [name for name in self.loss_type if name not in LOSSES]

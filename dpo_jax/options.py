@@ -24,38 +24,38 @@ from .step import SCHEDULES, OptimConfig
 class LoraConfig:
     """LoRA adapters (TRL's ModelConfig names)."""
 
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] | None = None  # default: q_proj, v_proj (c_attn for GPT-2); all-linear
+    use_peft: bool = False  # train LoRA adapters instead of all weights; the reference is the base model
+    lora_r: int = 16  # adapter rank
+    lora_alpha: int = 32  # adapter scale alpha / r
+    lora_dropout: float = 0.05  # dropout on the adapters' input in training
+    lora_target_modules: tuple[str, ...] | None = None  # layer names; default q_proj,v_proj (GPT-2: c_attn); or all-linear
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """The model, the run's length and bookkeeping, and what TRL lacks (mesh, pack_pairs, ...)."""
 
-    model_name_or_path: str | None = None
+    model_name_or_path: str | None = None  # the policy's starting point: HF directory, hub id or .gguf
     ref_model_name_or_path: str | None = None  # default: the policy's starting weights
-    output_dir: str | None = None
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 3.0
+    output_dir: str | None = None  # metrics, TensorBoard events, checkpoints and plots go here
+    per_device_train_batch_size: int = 8  # pairs per device per micro-batch (global: x data x fsdp x accumulation)
+    per_device_eval_batch_size: int = 8  # pairs per device in evaluation and the reference precompute
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (inside the jitted step)
+    num_train_epochs: float = 3.0  # passes over the training pairs (may be fractional)
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    logging_steps: int = 10
+    logging_steps: int = 10  # write train metrics every this many steps
     eval_steps: int | None = None  # default: logging_steps
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    seed: int = 42
+    save_steps: int = 500  # checkpoint every this many steps (and at the end)
+    save_total_limit: int | None = None  # keep only the newest this many checkpoints; None: all
+    seed: int = 42  # data order, LoRA initialisation and dropout
     bf16: bool | None = None  # bfloat16 compute; default: on accelerators yes, on the CPU no
-    gradient_checkpointing: bool = True
-    precompute_ref_log_probs: bool = False
+    gradient_checkpointing: bool = True  # recompute each decoder block in the backward pass (less memory)
+    precompute_ref_log_probs: bool = False  # one reference pass before training, cached; no reference in memory
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
     mesh: str = "fsdp=-1"  # data=2,fsdp=-1,tensor=1 style; -1 takes the remaining devices
-    pack_pairs: str = "pairs"  # pairs | shared_prefix | packed
+    pack_pairs: str = "pairs"  # pairs, shared_prefix (prompt computed once) or packed (several pairs per row)
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
-    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard | wandb | all | none; metrics.jsonl always
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
 
 
 @dataclass(frozen=True)
@@ -199,11 +199,11 @@ def parse_values(argv: list[str]) -> dict:
 
 
 def option_table() -> str:
-    """The README's option table: name, default, and the comment of the field's line, by section."""
+    """The README's option table: name, section, default and the comment on the field's line."""
     import inspect
     import re
 
-    lines = ["| option | default | meaning |", "|---|---|---|"]
+    lines = ["| option | section | default | meaning |", "|---|---|---|---|"]
     seen = set()
     for section in dataclasses.fields(Options):
         cls = type(getattr(Options(), section.name))
@@ -213,21 +213,11 @@ def option_table() -> str:
                 continue
             seen.add(f.name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
             match = re.search(rf"^\s+{f.name}:.*?#\s*(.*)$", source, re.MULTILINE)
             meaning = match.group(1) if match else ""
-            if f.name in CHOICES and not meaning:
-                meaning = " | ".join(CHOICES[f.name])
-            lines.append(f"| `{f.name}` | `{default}` | {meaning} |")
+            if f.name in CHOICES and f.name != "loss_type" and not all(c in meaning for c in CHOICES[f.name]):
+                meaning += f" ({', '.join(CHOICES[f.name])})"
+            where = "+".join(s for s, _ in FIELDS[f.name])
+            lines.append(f"| `{f.name}` | {where} | `{shown or '()'}` | {meaning.replace('|', '/')} |")
     return "\n".join(lines)
-
-
-
-def to_dict(o: Options) -> dict:
-    """{section: {name: value}} in JSON types: what a checkpoint stores as the run's config."""
-    return {s.name: {f.name: (list(v) if isinstance(v := getattr(getattr(o, s.name), f.name), tuple) else v)
-                     for f in dataclasses.fields(getattr(o, s.name))} for s in dataclasses.fields(Options)}
-
-
-def from_saved(saved: dict, source: str) -> Options:
-    """The Options that `to_dict` stored (in a checkpoint)."""
-    return from_dict({name: value for section in saved.values() for name, value in section.items()}, source=source)

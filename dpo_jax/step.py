@@ -34,15 +34,15 @@ BATCH_AXES = ("data", "fsdp")  # the global batch is split over both; tensor-par
 class OptimConfig:
     """AdamW and its schedule; names and defaults as TRL's DPOConfig / transformers' TrainingArguments."""
 
-    learning_rate: float = 1e-6
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    learning_rate: float = 1e-6  # peak learning rate (TRL's DPO default)
+    lr_scheduler_type: str = "linear"  # constant, constant_with_warmup, linear, cosine
+    warmup_steps: int = 0  # linear warm-up steps; overrides warmup_ratio when > 0
+    warmup_ratio: float = 0.0  # warm-up as a fraction of the training steps
     weight_decay: float = 0.0  # on matrices only (transformers: not on biases and norms)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = 1.0
+    adam_beta1: float = 0.9  # AdamW
+    adam_beta2: float = 0.999  # AdamW
+    adam_epsilon: float = 1e-8  # AdamW
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None: no clipping
 
 
 @dataclass(frozen=True)

@@ -54,4 +54,18 @@ def test_option_table_lists_every_option_once():
     table = options.option_table()
     for name in options.FIELDS:
         assert table.count(f"| `{name}` |") == 1, name
-    assert "| `beta` | `0.1` |" in table and "| `learning_rate` | `1e-06` |" in table
+    assert "| `beta` | loss | `0.1` |" in table and "| `learning_rate` | optim | `1e-06` |" in table
+
+
+def test_readme_option_table_is_generated_from_the_dataclasses():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("option_table", root / "scripts" / "option_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (root / "README.md").read_text()
+    assert module.with_table(readme) == readme, "README's option table is stale: python scripts/option_table.py --write"
+    assert all(row.count("|") == 5 and not row.endswith("|  |") for row in options.option_table().splitlines()), \
+        "every option needs a meaning (the comment on its field's line)"

@@ -221,3 +221,14 @@ def option_table() -> str:
             where = "+".join(s for s, _ in FIELDS[f.name])
             lines.append(f"| `{f.name}` | {where} | `{shown or '()'}` | {meaning.replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def to_dict(o: Options) -> dict:
+    """{section: {name: value}} in JSON types: what a checkpoint stores as the run's config."""
+    return {s.name: {f.name: (list(v) if isinstance(v := getattr(getattr(o, s.name), f.name), tuple) else v)
+                     for f in dataclasses.fields(getattr(o, s.name))} for s in dataclasses.fields(Options)}
+
+
+def from_saved(saved: dict, source: str) -> Options:
+    """The Options that `to_dict` stored (in a checkpoint)."""
+    return from_dict({name: value for section in saved.values() for name, value in section.items()}, source=source)

@@ -9,6 +9,7 @@ Only process 0 reports.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -41,16 +42,25 @@ def cut_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def validate(report_to: tuple[str, ...]) -> set[str]:
+    """The integrations `report_to` asks for; unknown names and a missing wandb are errors (raised before
+    anything is loaded or written)."""
+    unknown = [r for r in report_to if r not in REPORT_TO + ("all",)]
+    if unknown:
+        raise UserError(f"report_to: unknown {', '.join(unknown)}; choose from {', '.join(REPORT_TO)} or all")
+    wanted = set(REPORT_TO[:2]) if "all" in report_to else set(report_to) - {"none"}
+    if "wandb" in wanted and importlib.util.find_spec("wandb") is None:
+        raise UserError("report_to wandb: the wandb package is not installed (pip install wandb), or drop wandb")
+    return wanted
+
+
 class Reporter:
     """Writes logged metrics everywhere they are asked for; `report_to` is TRL's option (a tuple)."""
 
     def __init__(self, out: Path, report_to: tuple[str, ...], *, start_step: int, run_name: str,
                  config: dict, enabled: bool = True):
-        unknown = [r for r in report_to if r not in REPORT_TO + ("all",)]
-        if unknown:
-            raise UserError(f"report_to: unknown {', '.join(unknown)}; choose from {', '.join(REPORT_TO)} or all")
+        wanted = validate(report_to)
         self.enabled, self.path = enabled, out / "metrics.jsonl"
-        wanted = set(REPORT_TO[:2]) if "all" in report_to else set(report_to) - {"none"}
         self.tb = self.wandb = None
         if not enabled:
             return
@@ -64,10 +74,8 @@ class Reporter:
 
             self.tb = SummaryWriter(str(out / "runs"), purge_step=start_step + 1 if start_step else None)
         if "wandb" in wanted:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("report_to wandb: the wandb package is not installed (pip install wandb)") from None
+            import wandb
+
             self.wandb = wandb.init(name=run_name, config=config, resume="allow",
                                     id=os.environ.get("WANDB_RUN_ID"))
 

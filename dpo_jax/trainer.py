@@ -24,6 +24,7 @@ from . import lora, reference, report
 from . import options as opts
 from . import step as S
 from .batching import BatchIterator, load_pairs
+from . import checkpoint
 from .checkpoint import Checkpoints, abstract
 from .data import MissingSplit
 from .errors import UserError
@@ -120,6 +121,12 @@ class Trainer:
     def __init__(self, options: Options):
         if not options.run.model_name_or_path or not options.run.output_dir:
             raise UserError("train needs --model_name_or_path and --output_dir")
+        report.validate(options.run.report_to)
+        resume = (options.run.resume_from_checkpoint or "false").lower() != "false"
+        old = Path(options.run.output_dir) / "checkpoints"
+        if not resume and old.is_dir() and any(p.name.isdigit() for p in old.iterdir()):
+            raise UserError(f"{options.run.output_dir} already holds checkpoints of a run: continue it with "
+                            f"--resume_from_checkpoint true, or give another output_dir (or delete {old})")
         local = {k: str(Path(v).absolute()) for k in ("model_name_or_path", "ref_model_name_or_path")
                  if (v := getattr(options.run, k)) and Path(v).exists()}  # checkpoints name the models absolutely
         data = options.data
@@ -199,11 +206,23 @@ class Trainer:
         return eval_metrics(self.eval_step, self.state.params, self.ref, self.eval_batches, self.mesh, self.cfg)
 
     def _resume(self) -> int:
+        """The step to start after: 0, or the restored checkpoint's. `true` with no checkpoint yet starts
+        afresh, so a preemptible job can always be launched with it."""
         spec = self.o.run.resume_from_checkpoint
         if not spec or spec.lower() == "false":
             return 0
-        checkpoints = self.checkpoints if spec.lower() == "true" else Checkpoints(Path(spec).parent)
-        step = None if spec.lower() == "true" else int(Path(spec).name)
+        if spec.lower() == "true":
+            if not self.checkpoints.steps():
+                log.warning("--resume_from_checkpoint true: no checkpoint in %s yet; starting from step 0",
+                            self.checkpoints.directory)
+                return 0
+            checkpoints, step = self.checkpoints, None
+        else:
+            found = checkpoint.find(spec)
+            if found is None:
+                raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint (give a run's output_dir, its "
+                                f"checkpoints/<step> directory, or true for the newest in output_dir)")
+            checkpoints, step = Checkpoints(found[0]), found[1]
         step, self.state, position, saved = checkpoints.restore(abstract(self.state), step)
         self.batches.load_state_dict(position)
         now = opts.to_dict(self.o)

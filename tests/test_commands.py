@@ -2,9 +2,11 @@
 run writes, evaluation checked against a formula and against training's own evaluation, and an export that
 transformers loads with the trained model's logits."""
 
+import importlib.util
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -41,12 +43,14 @@ def test_train_writes_its_files_and_evaluate_agrees(model, tmp_path, capsys):
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in evals] == [2, 4]
     assert all(math.isfinite(r["loss"]) and "learning_rate" in r and "rewards/margins" in r for r in train)
-    events = EventAccumulator(str(next((out / "runs").iterdir()) if False else out / "runs")).Reload()
+    events = EventAccumulator(str(out / "runs")).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     np.testing.assert_allclose([e.value for e in events.Scalars("train/loss")], [r["loss"] for r in train], rtol=1e-6)
     assert [e.step for e in events.Scalars("eval/rewards/accuracies")] == [2, 4]
     assert (out / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert main(["train", "--model_name_or_path", model, "--output_dir", str(out), *TRAIN]) == 2  # not over it
+    assert "already holds checkpoints" in capsys.readouterr().err
 
     # the checkpoint, evaluated on its own: the run's options (split, beta, max_length) and reference
     metrics = evaluate(capsys, "--model_name_or_path", str(out), "--output_json", str(tmp_path / "eval.json"))
@@ -70,7 +74,8 @@ def test_export_reloads_in_transformers_with_the_trained_logits(model, tmp_path,
                  "--dataset_test_split", "none", "--report_to", "none", *extra]) == 0
     assert not (out / "runs").exists()
     assert main(["export", "--checkpoint", str(out), "--output_dir", str(tmp_path / "hf")]) == 0
-    ours, _, step = load_trained(str(out / "checkpoints" / "2"), make_mesh(fsdp=1, devices=[__import__("jax").devices()[0]]), np.float32)
+    ours, _, step = load_trained(str(out / "checkpoints" / "2"), make_mesh(fsdp=1, devices=jax.devices()[:1]),
+                                 np.float32)
     assert step == 2
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -98,3 +103,8 @@ def test_user_errors_exit_2_without_traceback(model, tmp_path, capsys):
     assert main(["evaluate", "--model_name_or_path", str(tmp_path / "nowhere"), "--dataset_test_split", "test"]) == 2
     assert main(["export", "--checkpoint", model, "--output_dir", str(tmp_path / "e")]) == 2
     assert "not a dpo-jax checkpoint" in capsys.readouterr().err
+    if importlib.util.find_spec("wandb") is None:
+        assert main(["train", "--model_name_or_path", model, "--output_dir", str(tmp_path / "w"), "--report_to",
+                     "wandb", "--max_steps", "1", "--per_device_train_batch_size", "1", "--max_length", "128",
+                     "--dataset_test_split", "none"]) == 2
+        assert "pip install wandb" in capsys.readouterr().err

@@ -22,16 +22,17 @@ log = logging.getLogger(__name__)
 class Checkpoints:
     """`output_dir/checkpoints/<step>/{state, data, options}`."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int | None = None, asynchronous: bool = True):
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None = None, asynchronous: bool = True,
+                 create: bool = True):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous,
-                                               create=True)
+                                               create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, data_position: dict, options: dict) -> None:
         """Start saving (returns while the files are written; `wait` blocks until they are)."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position),
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position),
             options=ocp.args.JsonSave(options)), force=True)
 
     def steps(self) -> list[int]:
@@ -46,8 +47,7 @@ class Checkpoints:
         for s in steps:
             try:
                 restored = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                    options=ocp.args.JsonRestore()))
+                    state=_restore_args(abstract_state), data=ocp.args.JsonRestore(), options=ocp.args.JsonRestore()))
             except Exception as e:  # a partial or damaged checkpoint: fall back to the one before
                 if step is not None:
                     raise UserError(f"checkpoint {s} in {self.directory} cannot be read ({type(e).__name__}: "
@@ -57,6 +57,22 @@ class Checkpoints:
                 continue
             return s, restored["state"], dict(restored["data"]), dict(restored["options"])
         raise UserError(f"none of the checkpoints in {self.directory} ({', '.join(map(str, steps))}) can be read")
+
+    def restore_params(self, abstract_params, step: int) -> object:
+        """Only the policy parameters of `step` (no optimizer state is read): for evaluation and export."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=_restore_args({"params": abstract_params}, partial=True)))
+        except Exception as e:
+            raise UserError(f"checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from e
+        return restored["state"]["params"]
+
+    def delete_after(self, step: int) -> None:
+        """Remove the checkpoints newer than `step`: a run resumed from `step` writes its own."""
+        for s in self.steps():
+            if s > step:
+                self.manager.delete(s)
 
     def saved_options(self, step: int | None = None) -> dict:
         """The run's options stored with `step` (default: the newest checkpoint whose options read back)."""
@@ -75,6 +91,11 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _restore_args(target, partial: bool = False):
+    return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
 
 
 def find(path: str | Path) -> tuple[Path, int | None] | None:

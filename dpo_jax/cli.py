@@ -117,13 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train with DPO (options: TRL's names; --config run.yaml)",
                            description="Options are TRL's DPOConfig names, e.g. --beta 0.1 --learning_rate 1e-6; "
-                                       "--config run.yaml takes the same keys and the command line overrides it.")
+                                       "--config run.yaml takes the same keys and the command line overrides it.",
+                           epilog=_option_list(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.set_defaults(run=_train)
     evaluate = sub.add_parser("evaluate", help="TRL's eval_* metrics of a model or checkpoint on a split, as JSON",
                               description="--model_name_or_path M (a model, or a run / checkpoint of dpo-jax train) "
                                           "[--ref_model_name_or_path R] --dataset_name D [--dataset_test_split S] "
                                           "[--output_json F], and any train option (beta, loss_type, max_length, "
-                                          "...). A checkpoint's run options are the defaults.")
+                                          "...). A checkpoint's run options are the defaults.",
+                              epilog=_option_list(), formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.set_defaults(run=_evaluate)
     export = sub.add_parser("export", help="a checkpoint to a Hugging Face directory (config, safetensors, tokenizer)")
     export.add_argument("--checkpoint", required=True, help="a run's output_dir (newest checkpoint) or checkpoints/<step>")
@@ -131,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--mesh", default="fsdp=-1", help="devices to load the checkpoint onto")
     export.set_defaults(run=_export)
     return parser
+
+
+def _option_list() -> str:
+    """Every option name by section (README.md has the table with defaults and meanings)."""
+    import textwrap
+
+    from .options import FIELDS
+
+    sections: dict[str, list[str]] = {}
+    for name, owners in FIELDS.items():
+        sections.setdefault(owners[0][0], []).append(f"--{name}")
+    return "options (defaults and meanings: README.md, Options):\n" + "\n".join(
+        textwrap.fill(" ".join(names), 100, initial_indent=f"  {section:6} ", subsequent_indent=" " * 9)
+        for section, names in sections.items())
 
 
 def _evaluate(args) -> None:
@@ -147,11 +163,13 @@ def _export(args) -> None:
     export(args.checkpoint, args.output_dir, args.mesh)
 
 
-def _train(args) -> None:
+def _train(args) -> int:
     from . import options
     from .trainer import Trainer
 
-    Trainer(options.parse(args.options)).train()
+    trainer = Trainer(options.parse(args.options))
+    trainer.train()
+    return 128 + trainer.stopped_by if trainer.stopped_by else 0  # a stopped run is not a finished one
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.options = rest
     try:
-        args.run(args)
+        status = args.run(args)
     except UserError as e:
         if args.debug:
             raise
         print(f"dpo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

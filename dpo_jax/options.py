@@ -57,6 +57,15 @@ class RunConfig:
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
 
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_nonfinite_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"option {name} must be at least 1, not {value}")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise UserError(f"num_train_epochs must be above 0 (or give max_steps), not {self.num_train_epochs}")
+
 
 @dataclass(frozen=True)
 class Options:

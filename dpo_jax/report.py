@@ -48,8 +48,11 @@ def validate(report_to: tuple[str, ...]) -> set[str]:
     unknown = [r for r in report_to if r not in REPORT_TO + ("all",)]
     if unknown:
         raise UserError(f"report_to: unknown {', '.join(unknown)}; choose from {', '.join(REPORT_TO)} or all")
-    wanted = set(REPORT_TO[:2]) if "all" in report_to else set(report_to) - {"none"}
-    if "wandb" in wanted and importlib.util.find_spec("wandb") is None:
+    wandb = importlib.util.find_spec("wandb") is not None
+    if "all" in report_to:  # as transformers: every integration that is installed
+        return {"tensorboard", "wandb"} if wandb else {"tensorboard"}
+    wanted = set(report_to) - {"none"}
+    if "wandb" in wanted and not wandb:
         raise UserError("report_to wandb: the wandb package is not installed (pip install wandb), or drop wandb")
     return wanted
 
@@ -72,7 +75,8 @@ class Reporter:
         if "tensorboard" in wanted:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "runs"), purge_step=start_step + 1 if start_step else None)
+            # purge_step: TensorBoard hides earlier files' points from this step on (a resumed or restarted run)
+            self.tb = SummaryWriter(str(out / "runs"), purge_step=start_step + 1)
         if "wandb" in wanted:
             import wandb
 

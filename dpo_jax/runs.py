@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .options import Options
 from .sharding import make_mesh
 from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, parse_mesh, step_config
 
+log = logging.getLogger(__name__)
+
 EVAL_KEYS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
              "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected", "eval_logits/chosen",
              "eval_logits/rejected")
@@ -34,30 +37,38 @@ def run_options(path: str) -> Options | None:
     if found is None:
         return None
     directory, step = found
-    return opts.from_saved(checkpoint.Checkpoints(directory).saved_options(step), source=f"checkpoint {path}")
+    return opts.from_saved(checkpoint.Checkpoints(directory, create=False).saved_options(step),
+                           source=f"checkpoint {path}")
 
 
 def load_trained(path: str, mesh, dtype) -> tuple[nnx.Module, Options, int]:
-    """(the trained policy with any LoRA adapters folded in, the run's options, the step) of a checkpoint."""
+    """(the trained policy with any LoRA adapters folded in, the run's options, the step) of a checkpoint:
+    the one `path` names, or the newest that reads back whole (an unreadable one is passed over with a
+    warning). Only the parameters are read, not the optimizer state."""
     found = checkpoint.find(path)
     if found is None:
         raise UserError(f"{path} is not a dpo-jax checkpoint: give a run's output_dir, its checkpoints/ "
                         f"directory, or one checkpoints/<step> directory")
     directory, step = found
-    manager = checkpoint.Checkpoints(directory)
+    manager = checkpoint.Checkpoints(directory, create=False)
     o = opts.from_saved(manager.saved_options(step), source=f"checkpoint {path}")
     model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh)
     if o.lora.use_peft:
-        lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o),
-                        o.lora.lora_dropout, seed=o.run.seed)
-        trainable = nnx.LoRAParam
-    else:
-        trainable = nnx.Param
-    params = nnx.state(model, trainable)
-    step, state, _, _ = manager.restore(S.abstract_state(params, S.make_optimizer(o.optim, 1)), step)
-    nnx.update(model, state.params)
-    manager.close()
-    return lora.merge(model) if o.lora.use_peft else model, o, step
+        lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
+                        seed=o.run.seed)
+    target = checkpoint.abstract(nnx.state(model, nnx.LoRAParam if o.lora.use_peft else nnx.Param))
+    for s in [step] if step is not None else manager.steps()[::-1]:
+        try:
+            params = manager.restore_params(target, s)
+        except UserError:
+            if step is not None:
+                raise
+            log.warning("checkpoint %s in %s cannot be read; trying the one before", s, directory)
+            continue
+        nnx.update(model, params)
+        manager.close()
+        return (lora.merge(model) if o.lora.use_peft else model), o, s
+    raise UserError(f"none of the checkpoints in {directory} can be read")
 
 
 def evaluate(argv: list[str]) -> dict:

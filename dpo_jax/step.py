@@ -88,21 +88,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 def init_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
     """The initial state, built under jit so that the optimizer state is laid out like the parameters (and
     scalars replicated) on their mesh, with its own buffers (the state is donated)."""
-    return jax.jit(functools.partial(_init, tx=tx))(jax.tree.map(jnp.copy, params))
-
-
-def _init(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(zero, params, tx.init(params), zero, zero)
-
-
-def abstract_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
-    """The state `init_state` would build, as ShapeDtypeStructs with its shardings (nothing allocated): the
-    target to restore a checkpoint into."""
-    init = functools.partial(_init, tx=tx)
-    shardings = jax.jit(init).lower(params).compile().output_shardings
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        jax.eval_shape(init, params), shardings)
+    def init(p):
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, p, tx.init(p), zero, zero)
+    return jax.jit(init)(jax.tree.map(jnp.copy, params))
 
 
 def split_policy(model, gradient_checkpointing: bool):

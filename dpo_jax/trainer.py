@@ -165,7 +165,6 @@ class Trainer:
         self.train_step = S.compile_train_step(self.graphdef, self.ref_graphdef, self.cfg, self.tx, self.mesh,
                                                self.state, self.ref)
         self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg)
-        self.checkpoints = Checkpoints(self.out / "checkpoints", max_to_keep=o.run.save_total_limit)
 
     def _eval_pairs(self):
         split = self.o.data.dataset_test_split
@@ -225,6 +224,7 @@ class Trainer:
             checkpoints, step = Checkpoints(found[0]), found[1]
         step, self.state, position, saved = checkpoints.restore(abstract(self.state), step)
         self.batches.load_state_dict(position)
+        self.checkpoints.delete_after(step)  # later (or unreadable) ones belong to the history being replaced
         now = opts.to_dict(self.o)
         changed = [f"{name} ({saved[s][name]!r} -> {value!r})" for s, section in now.items()
                    for name, value in section.items() if name != "resume_from_checkpoint"
@@ -233,22 +233,26 @@ class Trainer:
             log.warning("resuming with options changed since the checkpoint: %s", ", ".join(changed))
         return step
 
-    def _save(self, step: int) -> None:
-        if step not in self.checkpoints.steps():
-            self.checkpoints.save(step, self.state, self.batches.state_dict(), opts.to_dict(self.o))
-
     def train(self) -> dict:
-        """Train to `total_steps` (or until SIGTERM / Ctrl-C), evaluating and checkpointing on the way; returns
-        the final evaluation (empty without a test split, or when stopped early)."""
+        """Train to `total_steps` (or until SIGTERM / Ctrl-C: `stopped_by` is then the signal), evaluating
+        and checkpointing on the way; returns the final evaluation (empty without a test split, or when
+        stopped early)."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = Checkpoints(self.out / "checkpoints", max_to_keep=self.o.run.save_total_limit)
         start = self._resume()
         reporter = report.Reporter(self.out, self.o.run.report_to, start_step=start, enabled=self.main,
                                    run_name=self.out.name, config=opts.to_dict(self.o))
-        stop = []
-        handlers = {sig: signal.signal(sig, lambda number, _: stop.append(number))
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.stopped_by = None
+        handlers = {}
+
+        def on_signal(number, _):  # finish the step, save, exit; a second signal acts as usual
+            self.stopped_by = number
+            signal.signal(number, handlers[number])
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, on_signal)
         bar = report.progress(self.total_steps, start, self.main)
+        say = bar.write if self.main else (lambda _: None)
         eval_every = self.o.run.eval_steps or self.o.run.logging_steps
         step, tokens, seconds, last, final = start, 0, 0.0, {}, {}
         try:
@@ -260,38 +264,42 @@ class Trainer:
                 metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
                 S.check_finite(metrics, self.o.run.max_nonfinite_steps)
                 now = time.perf_counter()
-                n = batch_tokens(batch) * jax.process_count()
+                n = batch_tokens(batch)
                 tokens, seconds, elapsed, tick = tokens + n, seconds + now - tick, now - tick, now
                 bar.update(1)
                 bar.set_postfix(report.postfix(metrics, n / elapsed), refresh=False)
                 if not metrics.pop("applied"):
-                    bar.write(f"step {step}: loss or gradients not finite; the update was skipped")
+                    say(f"step {step}: loss or gradients not finite; the update was skipped")
                 metrics.pop("nonfinite_run")
                 if step % self.o.run.logging_steps == 0 or step == self.total_steps:
-                    last = {**metrics, "learning_rate": float(self.schedule(step - 1)),
+                    # learning_rate as TRL logs it: the schedule's value after this step's update
+                    last = {**metrics, "learning_rate": float(self.schedule(step)),
                             "epoch": step / self.batches.steps_per_epoch, "tokens_per_second": n / elapsed}
                     reporter.log(step, last)
                 if self.eval_batches and step % eval_every == 0 and step != self.total_steps:
                     reporter.log(step, self.evaluate())
-                if step % self.o.run.save_steps == 0 or stop:
-                    self._save(step)
-                if stop:
-                    bar.write(f"stopped by signal {stop[0]} at step {step}; checkpoint saved, resume with "
-                              f"--resume_from_checkpoint true")
+                if step % self.o.run.save_steps == 0 or step == self.total_steps or self.stopped_by:
+                    self.checkpoints.save(step, self.state, self.batches.state_dict(), opts.to_dict(self.o))
+                if self.stopped_by and step != self.total_steps:
+                    say(f"stopped by signal {self.stopped_by} after step {step}; checkpoint saved: continue with "
+                        f"--resume_from_checkpoint true")
                     break
                 tick = time.perf_counter()
-            else:
+            finished = step == self.total_steps
+            if finished and step > start:
                 final = self.evaluate()
                 if final:
                     reporter.log(step, final)
-                self._save(step)
             self.checkpoints.wait()
         finally:
             bar.close()
             reporter.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        if self.main and not stop:
+        if self.main and finished:
+            if step == start:
+                print(f"dpo-jax: the run in {self.out} had already finished ({step} steps)")
+                return final
             written = ["metrics.jsonl", "checkpoints/"]
             if reporter.tb is not None:
                 written.append("runs/ (TensorBoard: tensorboard --logdir " + str(self.out / "runs") + ")")

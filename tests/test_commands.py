@@ -51,6 +51,10 @@ def test_train_writes_its_files_and_evaluate_agrees(model, tmp_path, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert main(["train", "--model_name_or_path", model, "--output_dir", str(out), *TRAIN]) == 2  # not over it
     assert "already holds checkpoints" in capsys.readouterr().err
+    log = (out / "metrics.jsonl").read_text()
+    assert main(["train", "--model_name_or_path", model, "--output_dir", str(out), *TRAIN,
+                 "--resume_from_checkpoint", "true"]) == 0
+    assert "already finished" in capsys.readouterr().out and (out / "metrics.jsonl").read_text() == log
 
     # the checkpoint, evaluated on its own: the run's options (split, beta, max_length) and reference
     metrics = evaluate(capsys, "--model_name_or_path", str(out), "--output_json", str(tmp_path / "eval.json"))
@@ -93,6 +97,9 @@ def test_user_errors_exit_2_without_traceback(model, tmp_path, capsys):
     assert main(["train", "--model_name_or_path", model, "--output_dir", str(tmp_path / "o"), "--loss_type",
                  "sigmod"]) == 2
     assert "did you mean sigmoid?" in capsys.readouterr().err
+    assert main(["train", "--model_name_or_path", model, "--output_dir", str(tmp_path / "o"), "--logging_steps",
+                 "0"]) == 2
+    assert "logging_steps must be at least 1" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
     assert main(["train", "--model_name_or_path", model, "--output_dir", str(tmp_path / "o"),

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from dpo_jax import options
+from dpo_jax.checkpoint import Checkpoints
 from dpo_jax.trainer import Trainer, params_numpy
 from test_learning import sample_tokenizer
 
@@ -42,6 +43,7 @@ def run(model, out, *extra, kill_after=None):
             return step(*args)
         trainer.train_step = counting
     trainer.train()
+    assert trainer.stopped_by == (signal.SIGTERM if kill_after else None)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return {r["step"]: r for r in rows if "loss" in r}, params_numpy(trainer.state)
 
@@ -120,6 +122,8 @@ def test_sigkill_and_a_truncated_checkpoint_then_resume_equals_an_uninterrupted_
                                        err_msg=f"step {step} {key}")
     for a, b in zip(straight_params, resumed_params):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    again = Checkpoints(tmp_path / "b" / "checkpoints")  # the truncated step was replaced by the new history's
+    assert again.steps() == [1, 2, 3, 4, 5, 6] and again.saved_options(saved[-1])
 
 
 def test_python_m_dpo_jax_runs_the_command():

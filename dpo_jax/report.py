@@ -82,6 +82,7 @@ class Reporter:
 
             self.wandb = wandb.init(name=run_name, config=config, resume="allow",
                                     id=os.environ.get("WANDB_RUN_ID"))
+            self.wandb_where = self.wandb.url or self.wandb.dir
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

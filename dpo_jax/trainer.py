@@ -304,7 +304,7 @@ class Trainer:
             if reporter.tb is not None:
                 written.append("runs/ (TensorBoard: tensorboard --logdir " + str(self.out / "runs") + ")")
             if reporter.wandb is not None:
-                written.append(f"W&B run {reporter.wandb.url or reporter.wandb.dir}")
+                written.append(f"W&B run {reporter.wandb_where}")
             report.plot(self.out / "metrics.jsonl", self.out / "plots.png")
             written.append("plots.png")
             print(report.summary(final=final, train=last, steps=step - start, tokens=tokens, seconds=seconds,

@@ -44,6 +44,7 @@ class Checkpoints:
         steps = [step] if step is not None else self.steps()[::-1]
         if not steps:
             raise UserError(f"no checkpoint in {self.directory} to resume from")
+        error = None
         for s in steps:
             try:
                 restored = self.manager.restore(s, args=ocp.args.Composite(
@@ -54,9 +55,12 @@ class Checkpoints:
                                     f"{str(e).splitlines()[0][:200]})") from e
                 log.warning("checkpoint %s in %s cannot be read (%s); trying the one before", s, self.directory,
                             type(e).__name__)
+                error = e
                 continue
             return s, restored["state"], dict(restored["data"]), dict(restored["options"])
-        raise UserError(f"none of the checkpoints in {self.directory} ({', '.join(map(str, steps))}) can be read")
+        raise UserError(f"none of the checkpoints in {self.directory} ({', '.join(map(str, steps))}) can be read; "
+                        f"the last error: {type(error).__name__}: {str(error).splitlines()[0][:300]} (a changed "
+                        f"model or LoRA option also makes the saved state not fit)")
 
     def restore_params(self, abstract_params, step: int) -> object:
         """Only the policy parameters of `step` (no optimizer state is read): for evaluation and export."""

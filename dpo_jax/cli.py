@@ -169,7 +169,7 @@ def _train(args) -> int:
 
     trainer = Trainer(options.parse(args.options))
     trainer.train()
-    return 128 + trainer.stopped_by if trainer.stopped_by else 0  # a stopped run is not a finished one
+    return 0 if trainer.finished else 128 + trainer.stopped_by  # stopped early: as a process killed by it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,16 +149,24 @@ def from_dict(values: dict, source: str = "the command line") -> Options:
     """Options from flat {name: value}; unknown names are errors with the closest known name."""
     sections: dict[str, dict] = {s.name: {} for s in dataclasses.fields(Options)}
     for name, value in values.items():
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f" Did you mean {close[0]}?" if close else ""
-            raise UserError(f"unknown option {name!r} in {source}.{hint} `dpo-jax train --help` lists the options.")
-        for section, f in FIELDS[name]:
-            parsed = parse_value(name, value, _type(section, f))
-            _check_choice(name, parsed)
+        for section, parsed in _parsed(name, value, source):
             sections[section][name] = parsed
     defaults = Options()
     return Options(**{s: dataclasses.replace(getattr(defaults, s), **v) for s, v in sections.items()})
+
+
+def _parsed(name: str, value, source: str) -> list[tuple[str, object]]:
+    """(section, typed value) for each section that option `name` sets; the name and value checked alone."""
+    if name not in FIELDS:
+        close = difflib.get_close_matches(name, FIELDS, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise UserError(f"unknown option {name!r} in {source}.{hint} `dpo-jax train --help` lists the options.")
+    out = []
+    for section, f in FIELDS[name]:
+        parsed = parse_value(name, value, _type(section, f))
+        _check_choice(name, parsed)
+        out.append((section, parsed))
+    return out
 
 
 def load_yaml(path: str) -> dict:
@@ -199,11 +207,13 @@ def parse_values(argv: list[str]) -> dict:
         i += 1
         if name == "config":
             loaded = load_yaml(value)
-            from_dict(loaded, source=f"--config {value}")  # names and values checked against the file
+            for key, item in loaded.items():  # names and values checked against the file; combinations later
+                _parsed(key, item, f"--config {value}")
             values.update(loaded)
         else:
             flags[name] = value
-    from_dict(flags)  # names and values checked
+    for key, item in flags.items():
+        _parsed(key, item, "the command line")
     return {**values, **flags}
 
 

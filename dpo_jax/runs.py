@@ -26,6 +26,10 @@ from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, parse_me
 
 log = logging.getLogger(__name__)
 
+# evaluating a run: its options are the defaults but for these (the machine's, and where to look)
+NOT_INHERITED = ("model_name_or_path", "ref_model_name_or_path", "resume_from_checkpoint", "mesh", "output_dir")
+DATASET_CHOICE = ("dataset_config", "dataset_train_split", "dataset_test_split", "data_format")  # with another dataset
+
 EVAL_KEYS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
              "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected", "eval_logits/chosen",
              "eval_logits/rejected")
@@ -81,10 +85,11 @@ def evaluate(argv: list[str]) -> dict:
     if not model_path:
         raise UserError("evaluate needs --model_name_or_path (a model, or a dpo-jax run / checkpoint)")
     trained = run_options(model_path)
-    base = opts.to_dict(trained) if trained else {}
-    o = opts.from_dict({**{k: v for section in base.values() for k, v in section.items()
-                           if k not in ("model_name_or_path", "ref_model_name_or_path", "resume_from_checkpoint")},
-                        **given})
+    inherited = {k: v for section in (opts.to_dict(trained) if trained else {}).values() for k, v in section.items()
+                 if k not in NOT_INHERITED}
+    if given.get("dataset_name", inherited.get("dataset_name")) != inherited.get("dataset_name"):
+        inherited = {k: v for k, v in inherited.items() if k not in DATASET_CHOICE}  # the run's split names
+    o = opts.from_dict({**inherited, **given})
     mesh = make_mesh(**parse_mesh(o.run.mesh))
     dtype = compute_dtype(o)
     if trained:

@@ -221,9 +221,15 @@ class Trainer:
             if found is None:
                 raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint (give a run's output_dir, its "
                                 f"checkpoints/<step> directory, or true for the newest in output_dir)")
-            checkpoints, step = Checkpoints(found[0]), found[1]
+            checkpoints, step = Checkpoints(found[0], create=False), found[1]
+            if found[0] != self.checkpoints.directory and self.checkpoints.steps():
+                raise UserError(f"--resume_from_checkpoint {spec} is another run's, and {self.out} holds checkpoints "
+                                f"of its own; continue into an empty output_dir (or the run's own)")
         step, self.state, position, saved = checkpoints.restore(abstract(self.state), step)
         self.batches.load_state_dict(position)
+        if step > self.total_steps:
+            raise UserError(f"the checkpoint is at step {step}, past this run's {self.total_steps} steps; raise "
+                            f"max_steps (or num_train_epochs) to continue it")
         self.checkpoints.delete_after(step)  # later (or unreadable) ones belong to the history being replaced
         now = opts.to_dict(self.o)
         changed = [f"{name} ({saved[s][name]!r} -> {value!r})" for s, section in now.items()
@@ -234,7 +240,7 @@ class Trainer:
         return step
 
     def train(self) -> dict:
-        """Train to `total_steps` (or until SIGTERM / Ctrl-C: `stopped_by` is then the signal), evaluating
+        """Train to `total_steps` (`finished`), or until SIGTERM / Ctrl-C (`stopped_by`), evaluating
         and checkpointing on the way; returns the final evaluation (empty without a test split, or when
         stopped early)."""
         if self.main:
@@ -243,7 +249,7 @@ class Trainer:
         start = self._resume()
         reporter = report.Reporter(self.out, self.o.run.report_to, start_step=start, enabled=self.main,
                                    run_name=self.out.name, config=opts.to_dict(self.o))
-        self.stopped_by = None
+        self.stopped_by, self.finished = None, False
         handlers = {}
 
         def on_signal(number, _):  # finish the step, save, exit; a second signal acts as usual
@@ -276,7 +282,7 @@ class Trainer:
                     last = {**metrics, "learning_rate": float(self.schedule(step)),
                             "epoch": step / self.batches.steps_per_epoch, "tokens_per_second": n / elapsed}
                     reporter.log(step, last)
-                if self.eval_batches and step % eval_every == 0 and step != self.total_steps:
+                if self.eval_batches and step % eval_every == 0 and step != self.total_steps and not self.stopped_by:
                     reporter.log(step, self.evaluate())
                 if step % self.o.run.save_steps == 0 or step == self.total_steps or self.stopped_by:
                     self.checkpoints.save(step, self.state, self.batches.state_dict(), opts.to_dict(self.o))
@@ -285,18 +291,18 @@ class Trainer:
                         f"--resume_from_checkpoint true")
                     break
                 tick = time.perf_counter()
-            finished = step == self.total_steps
-            if finished and step > start:
+            self.finished = step == self.total_steps
+            if self.finished and step > start:
                 final = self.evaluate()
                 if final:
                     reporter.log(step, final)
-            self.checkpoints.wait()
         finally:
+            self.checkpoints.wait()  # a save in flight completes, whatever happened
             bar.close()
             reporter.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        if self.main and finished:
+        if self.main and self.finished:
             if step == start:
                 print(f"dpo-jax: the run in {self.out} had already finished ({step} steps)")
                 return final

@@ -69,3 +69,22 @@ def test_readme_option_table_is_generated_from_the_dataclasses():
     assert module.with_table(readme) == readme, "README's option table is stale: python scripts/option_table.py --write"
     assert all(row.count("|") == 5 and not row.endswith("|  |") for row in options.option_table().splitlines()), \
         "every option needs a meaning (the comment on its field's line)"
+
+
+def test_yaml_and_command_line_are_checked_together(tmp_path):
+    """Options that must agree (loss_type and loss_weights; exo_pair and label_smoothing) may come from both."""
+    run = tmp_path / "run.yaml"
+    run.write_text("loss_type: [sigmoid, sft]\nlabel_smoothing: 0.001\n")
+    o = options.parse(["--config", str(run), "--loss_weights", "1,0.5"])
+    assert o.loss.loss_type == ("sigmoid", "sft") and o.loss.loss_weights == (1.0, 0.5)
+    assert options.parse(["--config", str(run), "--loss_type", "exo_pair"]).loss.label_smoothing == 0.001
+    with pytest.raises(UserError, match="2 weights for 1"):
+        options.parse(["--loss_weights", "1,0.5"])
+
+
+def test_run_options_are_checked():
+    for bad in (["--logging_steps", "0"], ["--per_device_train_batch_size", "0"], ["--save_total_limit", "0"],
+                ["--num_train_epochs", "0"]):
+        with pytest.raises(UserError, match="must be"):
+            options.parse(bad)
+    assert options.parse(["--num_train_epochs", "0", "--max_steps", "5"]).run.max_steps == 5

@@ -164,10 +164,12 @@ def _export(args) -> None:
 
 
 def _train(args) -> int:
-    from . import options
+    from . import distributed, options
     from .trainer import Trainer
 
-    trainer = Trainer(options.parse(args.options))
+    o = options.parse(args.options)
+    distributed.initialize(o.run.distributed, o.run.coordinator_address, o.run.num_processes, o.run.process_id)
+    trainer = Trainer(o)
     trainer.train()
     return 0 if trainer.finished else 128 + trainer.stopped_by  # stopped early: as a process killed by it
 

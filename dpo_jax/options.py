@@ -56,6 +56,10 @@ class RunConfig:
     pack_pairs: str = "pairs"  # pairs, shared_prefix (prompt computed once) or packed (several pairs per row)
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
+    distributed: str = "auto"  # multi-process runs: auto (SLURM, Open MPI, TPU pods, coordinator_address), true, false
+    coordinator_address: str | None = None  # host:port of process 0, for launches JAX cannot detect
+    num_processes: int | None = None  # with coordinator_address: how many processes in all
+    process_id: int | None = None  # with coordinator_address: this process's number, 0 .. num_processes-1
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -81,6 +85,7 @@ CHOICES = {
     "lr_scheduler_type": SCHEDULES, "loss_type": tuple(LOSSES), "truncation_mode": ("keep_start", "keep_end"),
     "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
     "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
+    "distributed": ("auto", "true", "false"),
 }
 
 

@@ -52,27 +52,50 @@ def cache_key(ref_params: nnx.State, config, pairs: Pairs, compute_dtype) -> str
 
 
 def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_token_id: int,
-               chunk: int | None = None, cache_dirs: list[Path] = (), key: str | None = None) -> np.ndarray:
+               chunk: int | None = None, cache_dirs: list[Path] = (), key: str | None = None,
+               mesh=None) -> np.ndarray:
     """The reference's (chosen, rejected) log-probs of every pair: read from the first cache directory that has
-    `key`, else computed in one ordered pass and written to every cache directory (atomically)."""
+    `key`, else computed in one ordered pass and written to every cache directory (atomically). With a `mesh`
+    the batches are split over its data x fsdp devices; with several processes each builds its own rows and
+    every process gets the whole table."""
+    table = _cached(cache_dirs, key, len(pairs))
+    if jax.process_count() > 1:  # every process computes, or none: the pass is collective
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.process_allgather(np.int32(table is not None)).all():
+            table = None
+    if table is not None:
+        return table
+    batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    fn = functools.partial(_ref_logps, ref_graphdef, chunk=chunk)
+    if mesh is None:
+        step = jax.jit(fn)
+    else:  # the values replicated, so that every process reads the whole batch's
+        from .step import put_batch
+
+        step = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    table = np.zeros((len(pairs), 2), np.float32)
+    for s in range(batches.steps_per_epoch):
+        batch = {k: v for k, v in batches.batch(0, s).items() if k != "index"}
+        values = np.asarray(step(ref_params, batch if mesh is None else put_batch(batch, mesh)))
+        index = batches.order(0)[s * batch_size:(s + 1) * batch_size]  # the whole global batch's pairs
+        real = index >= 0
+        table[index[real]] = values[real]
+    for d in cache_dirs:
+        if key and jax.process_index() == 0:
+            _save(Path(d) / f"{key}.npy", table)
+    return table
+
+
+def _cached(cache_dirs, key: str | None, n_pairs: int) -> np.ndarray | None:
     for d in cache_dirs:
         path = Path(d) / f"{key}.npy"
         if key and path.exists():
             table = np.load(path)
-            if table.shape == (len(pairs), 2) and table.dtype == np.float32 and np.isfinite(table).all():
+            if table.shape == (n_pairs, 2) and table.dtype == np.float32 and np.isfinite(table).all():
                 return table
-    batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False)
-    step = jax.jit(functools.partial(_ref_logps, ref_graphdef, chunk=chunk))
-    table = np.zeros((len(pairs), 2), np.float32)
-    for s in range(batches.steps_per_epoch):
-        batch = batches.batch(0, s)
-        values = np.asarray(step(ref_params, {k: v for k, v in batch.items() if k != "index"}))
-        real = batch["index"] >= 0
-        table[batch["index"][real]] = values[real]
-    for d in cache_dirs:
-        if key:
-            _save(Path(d) / f"{key}.npy", table)
-    return table
+    return None
 
 
 def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:

@@ -274,6 +274,15 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def put_batch(batch: dict, mesh) -> dict:
+    """A host batch as global arrays split over data x fsdp. With several processes each holds its own rows
+    (`BatchIterator(process_index=..., process_count=...)`), which become its devices' part of the batch."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
 def shard_params(params: nnx.State, mesh) -> nnx.State:
     return jax.device_put(params, state_shardings(params, mesh))
 

@@ -50,6 +50,11 @@ def parse_mesh(text: str) -> dict[str, int]:
     return {**sizes, **given}
 
 
+def processes() -> dict:
+    """This process's place among the run's processes, for BatchIterator."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -102,7 +107,7 @@ def eval_metrics(evaluate, params, ref, batches: BatchIterator, mesh, cfg: S.Ste
     """TRL's eval_* metrics over every pair of `batches` (one ordered epoch)."""
     sums = None
     for s in range(batches.steps_per_epoch):
-        batch = jax.device_put(_arrays(batches.batch(0, s)), S.batch_sharding(mesh))
+        batch = S.put_batch(_arrays(batches.batch(0, s)), mesh)
         out = evaluate(params, ref, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     return {f"eval_{k}": float(v) for k, v in S.finish_eval(jax.tree.map(float, sums), cfg).items()}
@@ -144,11 +149,12 @@ class Trainer:
         self.batches = BatchIterator(self.train_pairs, global_batch_size=self.global_batch, pad_token_id=pad,
                                      seed=o.run.seed, shuffle=o.data.shuffle, num_buckets=o.data.num_length_buckets,
                                      multiple=o.data.pad_to_multiple_of, layout=o.run.pack_pairs,
-                                     micro_batches=o.run.gradient_accumulation_steps, row_multiple=batch_devices)
+                                     micro_batches=o.run.gradient_accumulation_steps,
+                                     row_multiple=batch_devices // jax.process_count(), **processes())
         self.eval_pairs = self._eval_pairs()
         self.eval_batches = self.eval_pairs and BatchIterator(
             self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
-            shuffle=False)
+            shuffle=False, **processes())
         self.dtype = compute_dtype(o)
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
@@ -190,7 +196,8 @@ class Trainer:
             if pairs:
                 key = reference.cache_key(ref, ref_config, pairs, self.dtype)
                 batches.ref_logps = reference.precompute(ref_graphdef, ref, pairs, batch_size=batch, pad_token_id=pad,
-                                                         cache_dirs=dirs, key=key)
+                                                         cache_dirs=dirs, key=key,
+                                                         mesh=self.mesh)
         if self.ref_graphdef:
             self.ref_graphdef, self.ref = None, None
 
@@ -265,12 +272,11 @@ class Trainer:
             tick = time.perf_counter()
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(self.batches)
-                self.state, metrics = self.train_step(self.state, self.ref, jax.device_put(
-                    _arrays(batch), S.batch_sharding(self.mesh)))
+                self.state, metrics = self.train_step(self.state, self.ref, S.put_batch(_arrays(batch), self.mesh))
                 metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
                 S.check_finite(metrics, self.o.run.max_nonfinite_steps)
                 now = time.perf_counter()
-                n = batch_tokens(batch)
+                n = batch_tokens(batch) * jax.process_count()  # each process holds its share of the rows
                 tokens, seconds, elapsed, tick = tokens + n, seconds + now - tick, now - tick, now
                 bar.update(1)
                 bar.set_postfix(report.postfix(metrics, n / elapsed), refresh=False)
@@ -282,6 +288,8 @@ class Trainer:
                     last = {**metrics, "learning_rate": float(self.schedule(step)),
                             "epoch": step / self.batches.steps_per_epoch, "tokens_per_second": n / elapsed}
                     reporter.log(step, last)
+                if jax.process_count() > 1:  # a signal seen by some hosts stops all of them at the same step
+                    self.stopped_by = _agree_on_stop(self.stopped_by)
                 if self.eval_batches and step % eval_every == 0 and step != self.total_steps and not self.stopped_by:
                     reporter.log(step, self.evaluate())
                 if step % self.o.run.save_steps == 0 or step == self.total_steps or self.stopped_by:
@@ -316,6 +324,14 @@ class Trainer:
             print(report.summary(final=final, train=last, steps=step - start, tokens=tokens, seconds=seconds,
                                  out=self.out, written=written))
         return final
+
+
+def _agree_on_stop(signal_number: int | None) -> int | None:
+    """The largest signal number any process received (all processes then stop after the same step)."""
+    from jax.experimental import multihost_utils
+
+    seen = multihost_utils.process_allgather(np.int32(signal_number or 0))
+    return int(seen.max()) or None
 
 
 def params_numpy(state) -> list[np.ndarray]:

@@ -226,6 +226,16 @@ def _untie_if_head_differs(hf_config, tensors: Tensors, name_map: NameMap, embed
         hf_config.tie_word_embeddings = False
 
 
+def load_config(path_or_repo_id: str):
+    """Our model config of a checkpoint, without reading its weights (for checks and memory plans)."""
+    location = _resolve(path_or_repo_id)
+    if location.endswith(".gguf"):
+        from . import gguf
+
+        return config_from_hf(gguf.read_config(location))
+    return config_from_hf(_hf_config(location))
+
+
 def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                     mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """Load a causal LM from a Hugging Face directory or repo id, or a .gguf file.

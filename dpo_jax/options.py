@@ -56,6 +56,7 @@ class RunConfig:
     pack_pairs: str = "pairs"  # pairs, shared_prefix (prompt computed once) or packed (several pairs per row)
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
+    compilation_cache_dir: str | None = "default"  # XLA's persistent cache: default ~/.cache/dpo_jax/xla; none: off
     distributed: str = "auto"  # multi-process runs: auto (SLURM, Open MPI, TPU pods, coordinator_address), true, false
     coordinator_address: str | None = None  # host:port of process 0, for launches JAX cannot detect
     num_processes: int | None = None  # with coordinator_address: how many processes in all

@@ -21,8 +21,8 @@ from .batching import BatchIterator, load_pairs
 from .errors import UserError
 from .hf import export_pretrained, from_pretrained, load_tokenizer
 from .options import Options
-from .sharding import make_mesh
-from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, parse_mesh, step_config
+from .sharding import make_mesh, parse_mesh
+from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, step_config
 
 log = logging.getLogger(__name__)
 

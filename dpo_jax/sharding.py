@@ -47,8 +47,49 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> j
     """A data x fsdp x tensor mesh over `devices` (default: all); -1 takes the devices left over."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    shown = ",".join(f"{k}={v}" for k, v in sizes.items())
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise UserError(f"mesh {shown}: only one axis may be -1 (the devices left over)")
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        raise UserError(f"mesh {shown}: axis sizes are positive, or -1 for the devices left over")
     known = math.prod(v for v in sizes.values() if v != -1)
+    if len(devices) % known:
+        raise UserError(f"mesh {shown}: {known} devices do not divide the {len(devices)} devices there are; "
+                        f"choose sizes whose product divides {len(devices)}")
     sizes = {k: (len(devices) // known if v == -1 else v) for k, v in sizes.items()}
     if math.prod(sizes.values()) != len(devices):
-        raise UserError(f"mesh {sizes} needs {math.prod(sizes.values())} devices; there are {len(devices)}")
+        raise UserError(f"mesh {shown} uses {math.prod(sizes.values())} devices; there are {len(devices)} "
+                        f"(give one axis -1 to take the rest)")
     return jax.sharding.Mesh(np.asarray(devices).reshape(tuple(sizes.values())), tuple(sizes))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,fsdp=-1,tensor=1" -> {"data": 2, "fsdp": -1, "tensor": 1}; axes not named have size 1."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    given = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes:
+            raise UserError(f"mesh: unknown axis {name!r}; the axes are data, fsdp and tensor")
+        try:
+            given[name] = int(value)
+        except ValueError:
+            raise UserError(f"mesh: {part!r} needs an integer size, e.g. fsdp=-1") from None
+    return {**sizes, **given}
+
+
+def check_mesh(mesh: jax.sharding.Mesh, config, *, per_device_batch: int) -> None:
+    """Refuse meshes the model or the batch cannot use: a tensor axis that does not divide the attention heads
+    (the heads would stay whole on every device), or processes that cannot hold whole rows of the batch."""
+    tensor = mesh.shape["tensor"]
+    heads = getattr(config, "num_heads", None)
+    if tensor > 1 and heads and heads % tensor:
+        raise UserError(f"mesh tensor={tensor} does not divide the model's {heads} attention heads"
+                        + (" (it is larger)" if tensor > heads else "")
+                        + f"; use a tensor size that divides {heads}, and put the other devices on fsdp")
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_devices % jax.process_count():
+        raise UserError(f"the batch is split over data x fsdp = {batch_devices} devices, which does not divide "
+                        f"over {jax.process_count()} processes; make data x fsdp a multiple of the process count")
+    if per_device_batch < 1:
+        raise UserError("per_device_train_batch_size must be at least 1")

@@ -28,26 +28,23 @@ from . import checkpoint
 from .checkpoint import Checkpoints, abstract
 from .data import MissingSplit
 from .errors import UserError
-from .hf import from_pretrained, load_tokenizer
+from .hf import from_pretrained, load_config, load_tokenizer
 from .options import Options
-from .sharding import make_mesh
+from .sharding import check_mesh, make_mesh, parse_mesh
 
 log = logging.getLogger(__name__)
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,fsdp=-1,tensor=1" -> {"data": 2, "fsdp": -1, "tensor": 1}."""
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-    given = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        if name not in sizes:
-            raise UserError(f"mesh: unknown axis {name!r}; the axes are data, fsdp and tensor")
-        try:
-            given[name] = int(value)
-        except ValueError:
-            raise UserError(f"mesh: {part!r} needs an integer size, e.g. fsdp=-1") from None
-    return {**sizes, **given}
+def use_compilation_cache(directory: str | None) -> Path | None:
+    """Point XLA's persistent compilation cache at `directory` ("default": the user cache, shared by runs; None
+    or "none": off), so a restarted or repeated run loads its compiled steps instead of compiling them again.
+    Entries are keyed by the program, the devices and the versions, so sharing is safe."""
+    if directory is None or directory.lower() == "none":
+        return None
+    path = reference.default_cache_dir().parent / "xla" if directory == "default" else Path(directory)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 def processes() -> dict:
@@ -139,6 +136,7 @@ class Trainer:
             data = dataclasses.replace(data, dataset_name=str(Path(data.dataset_name).absolute()))
         self.o = o = dataclasses.replace(options, run=dataclasses.replace(options.run, **local), data=data)
         self.out = Path(o.run.output_dir)
+        use_compilation_cache(o.run.compilation_cache_dir)
         self.main = jax.process_index() == 0
         self.mesh = make_mesh(**parse_mesh(o.run.mesh))
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -156,6 +154,7 @@ class Trainer:
             self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
             shuffle=False, **processes())
         self.dtype = compute_dtype(o)
+        check_mesh(self.mesh, load_config(o.run.model_name_or_path), per_device_batch=o.run.per_device_train_batch_size)
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
         for pairs in filter(None, (self.train_pairs, self.eval_pairs)):

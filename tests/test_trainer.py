@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import torch
 import transformers
@@ -163,3 +164,26 @@ def test_precomputed_reference_trains_as_the_live_one(tmp_path, monkeypatch):
     assert "eval_rewards/margins" in final
     assert len(list((tmp_path / "b" / "ref_logps").glob("*.npy"))) == 2  # train and test
     assert len(list((tmp_path / "cache" / "ref_logps").glob("*.npy"))) == 2
+
+
+def test_a_second_run_loads_its_compiled_steps_from_the_persistent_cache(tmp_path, monkeypatch):
+    from jax._src import compilation_cache
+
+    monkeypatch.setenv("DPO_JAX_CACHE", str(tmp_path / "cache"))
+    compilation_cache.reset_cache()  # the process-wide cache may already point at another test's directory
+    model = tiny_model(tmp_path / "model")
+    hits = []
+
+    def listen(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+    jax.monitoring.register_event_listener(listen)
+    try:
+        run(model, tmp_path / "a", "--max_steps", "2")
+        assert any((tmp_path / "cache" / "xla").iterdir())
+        first = len(hits)
+        run(model, tmp_path / "b", "--max_steps", "2")
+        assert len(hits) > first  # the train step (and the rest) came from the cache, not from XLA
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+        compilation_cache.reset_cache()

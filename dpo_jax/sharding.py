@@ -82,7 +82,7 @@ def check_mesh(mesh: jax.sharding.Mesh, config, *, per_device_batch: int) -> Non
     """Refuse meshes the model or the batch cannot use: a tensor axis that does not divide the attention heads
     (the heads would stay whole on every device), or processes that cannot hold whole rows of the batch."""
     tensor = mesh.shape["tensor"]
-    heads = getattr(config, "num_heads", None)
+    heads = getattr(config, "num_heads", None) or getattr(config, "n_head", None)  # Llama-style, GPT-2
     if tensor > 1 and heads and heads % tensor:
         raise UserError(f"mesh tensor={tensor} does not divide the model's {heads} attention heads"
                         + (" (it is larger)" if tensor > heads else "")

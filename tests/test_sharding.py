@@ -29,3 +29,29 @@ def test_mesh_load_places_each_tensor_and_matches_one_device(tmp_path):
     got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(sharded, jnp.asarray(ids), jnp.asarray(mask)))
     ref = np.asarray(single(jnp.asarray(ids), jnp.asarray(mask)))
     assert relative_error(got, ref, mask) <= 1e-5
+
+
+def test_mesh_errors_say_what_to_change():
+    import types
+
+    import pytest
+
+    from dpo_jax.errors import UserError
+    from dpo_jax.sharding import check_mesh, parse_mesh
+
+    with pytest.raises(UserError, match="3 devices do not divide the 8 devices"):
+        make_mesh(**parse_mesh("data=3,fsdp=-1"))
+    with pytest.raises(UserError, match="only one axis may be -1"):
+        make_mesh(**parse_mesh("data=-1,fsdp=-1"))
+    with pytest.raises(UserError, match="uses 4 devices; there are 8"):
+        make_mesh(**parse_mesh("data=2,fsdp=2"))
+    with pytest.raises(UserError, match="unknown axis 'model'"):
+        parse_mesh("model=2")
+    four_heads = types.SimpleNamespace(num_heads=4)
+    with pytest.raises(UserError, match="tensor=8 does not divide the model's 4 attention heads \\(it is larger\\)"):
+        check_mesh(make_mesh(fsdp=1, tensor=8), four_heads, per_device_batch=1)
+    six_heads = types.SimpleNamespace(num_heads=6)
+    with pytest.raises(UserError, match="tensor=4 does not divide the model's 6 attention heads;"):
+        check_mesh(make_mesh(fsdp=2, tensor=4), six_heads, per_device_batch=1)
+    check_mesh(make_mesh(fsdp=2, tensor=4), four_heads, per_device_batch=1)
+    assert make_mesh(**parse_mesh("data=2,fsdp=-1")).shape == {"data": 2, "fsdp": 4, "tensor": 1}

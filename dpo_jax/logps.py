@@ -12,10 +12,39 @@ TRL's `completion_mask[..., 1:]`: a completion's first token is not counted when
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
 CHUNK_BYTES = 256 * 2**20  # float32 logits held per chunk, summed over the rows of the batch
+
+
+# The mesh whose data x fsdp devices split the rows, while a step is traced (`on_mesh`); None: no hints.
+_MESH: contextvars.ContextVar = contextvars.ContextVar("dpo_jax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+    """Trace the step's log-probs with sharding hints for `mesh`: the hidden states and the head's logits stay
+    split by rows over data x fsdp (and the vocabulary over tensor). Without them XLA may gather the rows of
+    the whole batch onto every device for the head's matmul, whose contraction axis is fsdp-sharded."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def _rows_split(x: jax.Array, *rest) -> jax.Array:
+    mesh = _MESH.get()
+    if mesh is None:
+        return x
+    axes = [("data", "fsdp"), *rest]
+    sizes = [mesh.shape["data"] * mesh.shape["fsdp"]] + [mesh.shape[a] if a else 1 for a in rest]
+    axes = [a if dim % size == 0 else None for a, dim, size in zip(axes, x.shape, sizes)]  # else replicated
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes)))
 
 
 def chunk_length(length: int, rows: int, vocab: int, budget: int = CHUNK_BYTES) -> int:
@@ -101,7 +130,7 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
     """log p(targets[t]) and the mean logit, both from the logits at position source[t]; [N, T] each."""
     n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
-    hidden_NxTxD = jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1)
+    hidden_NxTxD = _rows_split(jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1))
     c = min(chunk or chunk_length(t, n, model.config.vocab_size), t)
     k = -(-t // c)
     if k * c != t:  # pad the sequence to whole chunks; the padded positions are dropped below
@@ -110,7 +139,7 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
 
     @jax.checkpoint
     def head(hidden_NxCxD, targets_NxC):
-        logits_NxCxV = model.logits(hidden_NxCxD).astype(wide)
+        logits_NxCxV = _rows_split(model.logits(hidden_NxCxD).astype(wide), None, "tensor")
         target_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
         return target_NxC - jax.nn.logsumexp(logits_NxCxV, axis=-1), logits_NxCxV.mean(axis=-1)
 

@@ -26,14 +26,18 @@ DEFAULT_TARGETS = {"gpt2": ("c_attn",)}  # else PEFT's default for Llama-style m
 LLAMA_DEFAULT = ("q_proj", "v_proj")
 
 
+def default_targets(config) -> tuple[str, ...]:
+    """PEFT's default target layers for this model family."""
+    return DEFAULT_TARGETS.get(getattr(config, "model_type", ""), LLAMA_DEFAULT)
+
+
 def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.0, seed: int = 0):
     """Add adapters of rank `rank` to the Linear layers named in `targets` (default: PEFT's per family)."""
     if not 0 <= dropout < 1:
         raise UserError(f"lora_dropout must be in [0, 1), not {dropout}")
     if rank < 1:
         raise UserError(f"lora_r must be at least 1, not {rank}")
-    model_type = getattr(model.config, "model_type", "")
-    targets = targets or DEFAULT_TARGETS.get(model_type, LLAMA_DEFAULT)
+    targets = targets or default_targets(model.config)
     linears = [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, Linear) and path]
     names = {str(path[-1]) for path, _ in linears}
     if isinstance(targets, str) and targets != ALL_LINEAR:  # as PEFT: a string is a regular expression

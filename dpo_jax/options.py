@@ -56,6 +56,7 @@ class RunConfig:
     pack_pairs: str = "pairs"  # pairs, shared_prefix (prompt computed once) or packed (several pairs per row)
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
+    memory_limit_gb: float | None = None  # per-device memory to plan for; default: what the device reports
     compilation_cache_dir: str | None = "default"  # XLA's persistent cache: default ~/.cache/dpo_jax/xla; none: off
     distributed: str = "auto"  # multi-process runs: auto (SLURM, Open MPI, TPU pods, coordinator_address), true, false
     coordinator_address: str | None = None  # host:port of process 0, for launches JAX cannot detect
@@ -255,5 +256,13 @@ def to_dict(o: Options) -> dict:
 
 
 def from_saved(saved: dict, source: str) -> Options:
-    """The Options that `to_dict` stored (in a checkpoint)."""
-    return from_dict({name: value for section in saved.values() for name, value in section.items()}, source=source)
+    """The Options that `to_dict` stored (in a checkpoint). Options this version does not know (a checkpoint
+    from another version) are left out, with a warning."""
+    import logging
+
+    flat = {name: value for section in saved.values() for name, value in section.items()}
+    unknown = sorted(set(flat) - set(FIELDS))
+    if unknown:
+        logging.getLogger(__name__).warning("%s: options unknown to this version left out: %s", source,
+                                            ", ".join(unknown))
+    return from_dict({k: v for k, v in flat.items() if k in FIELDS}, source=source)

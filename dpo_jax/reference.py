@@ -72,9 +72,11 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
     if mesh is None:
         step = jax.jit(fn)
     else:  # the values replicated, so that every process reads the whole batch's
+        from . import step as S
         from .step import put_batch
 
-        step = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        step = jax.jit(S._on_mesh(fn, mesh),
+                       out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     table = np.zeros((len(pairs), 2), np.float32)
     for s in range(batches.steps_per_epoch):
         batch = {k: v for k, v in batches.batch(0, s).items() if k != "index"}

@@ -111,7 +111,7 @@ def evaluate(argv: list[str]) -> dict:
     batches = BatchIterator(pairs, global_batch_size=o.run.per_device_eval_batch_size * mesh.shape["data"]
                             * mesh.shape["fsdp"], pad_token_id=pad_id(tokenizer), shuffle=False)
     cfg = dataclasses.replace(step_config(o), lora=False)  # adapters are folded in: a plain policy
-    evaluate_step = S.compile_eval_step(graphdef, ref_graphdef, cfg)
+    evaluate_step = S.compile_eval_step(graphdef, ref_graphdef, cfg, mesh, params, ref)
     metrics = eval_metrics(evaluate_step, params, ref, batches, mesh, cfg)
     metrics = {k: metrics[k] for k in EVAL_KEYS if k in metrics} | {k: v for k, v in metrics.items()
                                                                    if k not in EVAL_KEYS}

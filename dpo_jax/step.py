@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from . import logps as logps_module
 from . import losses, sharding
 from .errors import UserError
 from .logps import packed_logps, sequence_logps, shared_prefix_logps
@@ -291,11 +292,23 @@ def _shardings(tree):
     return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
 
 
+def _on_mesh(fn, mesh):
+    """`fn` traced with the log-probs' sharding hints for `mesh` (see logps.on_mesh)."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with logps_module.on_mesh(mesh):
+            return fn(*args)
+    return traced
+
+
 def compile_train_step(graphdef, ref_graphdef, cfg: StepConfig, tx, mesh, state: TrainState, ref_params):
     """`train_step` jitted once, with explicit shardings on `mesh`: the state (from `init_state` on sharded
     parameters) and the reference keep theirs, the batch is split over data x fsdp, the metrics are
     replicated. The state is donated; the reference never is."""
-    fn = functools.partial(train_step, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg, tx=tx)
+    fn = _on_mesh(functools.partial(train_step, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg, tx=tx), mesh)
     if mesh is None:
         return jax.jit(fn, donate_argnums=(0,))
     state_sh = _shardings(state)
@@ -304,7 +317,7 @@ def compile_train_step(graphdef, ref_graphdef, cfg: StepConfig, tx, mesh, state:
 
 
 def compile_eval_step(graphdef, ref_graphdef, cfg: StepConfig, mesh=None, params=None, ref_params=None):
-    fn = functools.partial(eval_sums, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg)
+    fn = _on_mesh(functools.partial(eval_sums, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg), mesh)
     if mesh is None:
         return jax.jit(fn)
     return jax.jit(fn, in_shardings=(_shardings(params), _shardings(ref_params), batch_sharding(mesh)),

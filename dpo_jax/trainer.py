@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import lora, reference, report
+from . import lora, memory, reference, report
 from . import options as opts
 from . import step as S
 from .batching import BatchIterator, load_pairs
@@ -154,7 +154,9 @@ class Trainer:
             self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
             shuffle=False, **processes())
         self.dtype = compute_dtype(o)
-        check_mesh(self.mesh, load_config(o.run.model_name_or_path), per_device_batch=o.run.per_device_train_batch_size)
+        config = load_config(o.run.model_name_or_path)
+        check_mesh(self.mesh, config, per_device_batch=o.run.per_device_train_batch_size)
+        self.plan_memory(config, max(self.batches.buckets))
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
         for pairs in filter(None, (self.train_pairs, self.eval_pairs)):
@@ -169,7 +171,26 @@ class Trainer:
         del params
         self.train_step = S.compile_train_step(self.graphdef, self.ref_graphdef, self.cfg, self.tx, self.mesh,
                                                self.state, self.ref)
-        self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg)
+        self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg, self.mesh,
+                                             self.state.params, self.ref)
+
+    def plan_memory(self, config, length: int) -> memory.Plan:
+        """Print the per-device memory plan and refuse a run that will not fit, before loading any weight."""
+        o = self.o
+        lora_params = (memory.lora_param_count(config, o.lora.lora_r, lora_targets(o) or lora.default_targets(config))
+                       if o.lora.use_peft else None)
+        live = not (o.run.precompute_ref_log_probs or o.loss.reference_free)
+        # (prompt-sharing layouts: `length` is a whole pair's row; counting two rows per pair over-estimates)
+        plan = memory.plan(config, self.mesh, per_device_batch=o.run.per_device_train_batch_size, max_length=length,
+                           compute_dtype=self.dtype, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
+                           gradient_checkpointing=o.run.gradient_checkpointing, lora_params=lora_params,
+                           live_reference=live)
+        limit, source = memory.device_memory(o.run.memory_limit_gb)
+        if self.main:
+            print(plan.table(limit, source), flush=True)
+        memory.check(plan, limit, lora=o.lora.use_peft, gradient_checkpointing=o.run.gradient_checkpointing,
+                     live_reference=live, mesh=self.mesh)
+        return plan
 
     def _eval_pairs(self):
         split = self.o.data.dataset_test_split

@@ -4,9 +4,11 @@
 - with `coordinator_address` (option or `DPO_JAX_COORDINATOR_ADDRESS`), `num_processes` and `process_id`
   (options or `DPO_JAX_NUM_PROCESSES` / `DPO_JAX_PROCESS_ID`): explicitly, e.g. GPU nodes without SLURM, or
   several processes on one machine;
-- on a SLURM job with several tasks, Open MPI with several ranks, or a multi-host Cloud TPU slice
-  (`TPU_WORKER_HOSTNAMES` lists several hosts): JAX detects the cluster itself;
-- `distributed=true` forces JAX's detection, `false` never initializes.
+- on a SLURM job with several tasks or Open MPI with several ranks (one process per GPU: JAX gives each
+  process the GPU of its local rank), or where `TPU_WORKER_HOSTNAMES` lists several TPU hosts (GKE): JAX
+  detects the cluster itself;
+- `distributed=true` calls JAX's detection unconditionally: on Cloud TPU VMs, whose workers JAX finds from
+  the VM's metadata (scripts/launch.py passes it); `false` never initializes.
 CPU collectives use gloo, so the same code runs as several processes on one machine (the tests do).
 """
 
@@ -34,16 +36,26 @@ def cluster_detected() -> str | None:
     return None
 
 
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(ENV[name])
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{ENV[name]}={text!r} is not an integer") from None
+
+
 def initialize(distributed: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
     """Start the distributed runtime when this is a multi-process run; True when it was started."""
     import jax
 
     coordinator_address = coordinator_address or os.environ.get(ENV["coordinator_address"])
-    if num_processes is None and ENV["num_processes"] in os.environ:
-        num_processes = int(os.environ[ENV["num_processes"]])
-    if process_id is None and ENV["process_id"] in os.environ:
-        process_id = int(os.environ[ENV["process_id"]])
+    if num_processes is None:
+        num_processes = _env_int("num_processes")
+    if process_id is None:
+        process_id = _env_int("process_id")
     if distributed == "false" or (distributed == "auto" and not coordinator_address and not cluster_detected()):
         return False
     if coordinator_address and (num_processes is None or process_id is None):

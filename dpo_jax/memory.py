@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .errors import UserError
@@ -104,7 +104,7 @@ def plan(config, mesh, *, per_device_batch: int, max_length: int, compute_dtype,
     tensor = mesh.shape["tensor"]
     params, largest_layer, count = sharded_bytes(config, mesh)
     devices = mesh.shape["data"] * mesh.shape["fsdp"] * tensor
-    trainable = params if lora_params is None else 4 * lora_params * tensor // devices  # adapters: fsdp-split
+    trainable = params if lora_params is None else 4 * lora_params // mesh.shape["fsdp"]  # A over fsdp, B mostly
     c = jnp.dtype(compute_dtype).itemsize
     r, t = 2 * per_device_batch, max_length
     heads, inter, vocab = d["heads"] // tensor or 1, d["intermediate"] // tensor, d["vocab"] // tensor
@@ -131,10 +131,15 @@ def device_memory(limit_gb: float | None = None) -> tuple[int | None, str]:
     stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind}"
-    try:  # the CPU: its devices share the host's memory
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+    try:  # the CPU: its devices share the host's memory (MemAvailable counts the page cache it may reclaim)
+        fields = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
         return None, "unknown"
+    if jax.process_count() > 1:  # every process must take the same decision
+        from jax.experimental import multihost_utils
+
+        available = int(multihost_utils.process_allgather(np.int64(available)).min())
     return available // jax.local_device_count(), f"host memory available / {jax.local_device_count()} devices"
 
 

@@ -69,6 +69,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"option {name} must be at least 1, not {value}")
+        if self.memory_limit_gb is not None and not self.memory_limit_gb > 0:
+            raise UserError(f"memory_limit_gb must be above 0, not {self.memory_limit_gb}")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise UserError(f"num_train_epochs must be above 0 (or give max_steps), not {self.num_train_epochs}")
 

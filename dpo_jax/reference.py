@@ -32,14 +32,28 @@ def default_cache_dir() -> Path:
 
 
 def params_fingerprint(params) -> str:
-    """A hash of every parameter's path, dtype, shape and bytes (of a state, or a tuple of states)."""
+    """A hash of every parameter's path, dtype, shape and bytes (of a state, or a tuple of states). Weights
+    spread over several processes are hashed shard by shard, each process its own, and the processes'
+    digests combined (the same key on every process; it then depends on the layout too)."""
     h = hashlib.blake2b(digest_size=10)
     states = params if isinstance(params, tuple) else (params,)
     flat = [kv for state in states for kv in nnx.to_flat_state(state)]
+    spread = False
     for path, leaf in sorted(flat, key=lambda kv: str(kv[0])):
-        value = np.asarray(leaf.get_value() if hasattr(leaf, "get_value") else leaf)
+        value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
         h.update(f"{path}:{value.dtype}:{value.shape}".encode())
-        h.update(value.tobytes())
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            spread = True
+            for shard in sorted(value.addressable_shards, key=lambda sh: str(sh.index)):
+                h.update(str(shard.index).encode())
+                h.update(np.asarray(shard.data).tobytes())
+        else:
+            h.update(np.asarray(value).tobytes())
+    if spread:
+        from jax.experimental import multihost_utils
+
+        digests = multihost_utils.process_allgather(np.frombuffer(h.digest(), np.uint8))
+        return hashlib.blake2b(np.asarray(digests).tobytes(), digest_size=10).hexdigest()
     return h.hexdigest()
 
 

@@ -41,7 +41,7 @@ def use_compilation_cache(directory: str | None) -> Path | None:
     Entries are keyed by the program, the devices and the versions, so sharing is safe."""
     if directory is None or directory.lower() == "none":
         return None
-    path = reference.default_cache_dir().parent / "xla" if directory == "default" else Path(directory)
+    path = reference.default_cache_dir().parent / "xla" if directory.lower() == "default" else Path(directory)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
@@ -70,6 +70,11 @@ def lora_targets(o: Options):
     """lora_target_modules as `apply_lora` takes it: None (PEFT's default), "all-linear", or names."""
     targets = o.lora.lora_target_modules
     return lora.ALL_LINEAR if targets == (lora.ALL_LINEAR,) else targets or None
+
+
+# options that belong to one launch, not to the run: never "changed" on resume
+PER_LAUNCH = ("resume_from_checkpoint", "coordinator_address", "num_processes", "process_id", "distributed",
+              "compilation_cache_dir", "memory_limit_gb")
 
 
 class Models(NamedTuple):
@@ -139,6 +144,8 @@ class Trainer:
         use_compilation_cache(o.run.compilation_cache_dir)
         self.main = jax.process_index() == 0
         self.mesh = make_mesh(**parse_mesh(o.run.mesh))
+        config = load_config(o.run.model_name_or_path)
+        check_mesh(self.mesh, config, per_device_batch=o.run.per_device_train_batch_size)
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.global_batch = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
         self.tokenizer = load_tokenizer(o.run.model_name_or_path)
@@ -154,8 +161,6 @@ class Trainer:
             self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
             shuffle=False, **processes())
         self.dtype = compute_dtype(o)
-        config = load_config(o.run.model_name_or_path)
-        check_mesh(self.mesh, config, per_device_batch=o.run.per_device_train_batch_size)
         self.plan_memory(config, max(self.batches.buckets))
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
@@ -260,7 +265,7 @@ class Trainer:
         self.checkpoints.delete_after(step)  # later (or unreadable) ones belong to the history being replaced
         now = opts.to_dict(self.o)
         changed = [f"{name} ({saved[s][name]!r} -> {value!r})" for s, section in now.items()
-                   for name, value in section.items() if name != "resume_from_checkpoint"
+                   for name, value in section.items() if name not in PER_LAUNCH
                    and saved.get(s, {}).get(name, value) != value]
         if changed:
             log.warning("resuming with options changed since the checkpoint: %s", ", ".join(changed))
@@ -308,13 +313,15 @@ class Trainer:
                     last = {**metrics, "learning_rate": float(self.schedule(step)),
                             "epoch": step / self.batches.steps_per_epoch, "tokens_per_second": n / elapsed}
                     reporter.log(step, last)
-                if jax.process_count() > 1:  # a signal seen by some hosts stops all of them at the same step
-                    self.stopped_by = _agree_on_stop(self.stopped_by)
-                if self.eval_batches and step % eval_every == 0 and step != self.total_steps and not self.stopped_by:
+                # decided once per step, by all processes together: a signal seen by some hosts (or arriving
+                # later in this step) stops all of them after the same step
+                stop = _agree_on_stop(self.stopped_by) if jax.process_count() > 1 else self.stopped_by
+                if self.eval_batches and step % eval_every == 0 and step != self.total_steps and not stop:
                     reporter.log(step, self.evaluate())
-                if step % self.o.run.save_steps == 0 or step == self.total_steps or self.stopped_by:
+                if step % self.o.run.save_steps == 0 or step == self.total_steps or stop:
                     self.checkpoints.save(step, self.state, self.batches.state_dict(), opts.to_dict(self.o))
-                if self.stopped_by and step != self.total_steps:
+                if stop and step != self.total_steps:
+                    self.stopped_by = stop
                     say(f"stopped by signal {self.stopped_by} after step {step}; checkpoint saved: continue with "
                         f"--resume_from_checkpoint true")
                     break

@@ -18,7 +18,7 @@ running them.
     # one GPU node (one process sees all its GPUs)
     python scripts/launch.py gpu --gpus 8 -- --model_name_or_path ... --output_dir runs/x
 
-    # SLURM, several GPU nodes: writes an sbatch script (one task per node; JAX detects SLURM) and submits it
+    # SLURM, several GPU nodes: writes an sbatch script (one task per GPU; JAX detects SLURM) and submits it
     python scripts/launch.py slurm --nodes 4 --gpus_per_node 8 --partition gpu -- --model_name_or_path ... \\
         --output_dir /shared/runs/x
 """
@@ -64,11 +64,13 @@ def tpu(args, train_args: list[str]) -> None:
     run = Runner(args.dry_run)
     gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
     where = ["--zone", args.zone] + (["--project", args.project] if args.project else [])
-    exists = not args.dry_run and subprocess.run([*gcloud, "describe", args.name, *where],
-                                                 capture_output=True).returncode == 0
+    describe = [*gcloud, "describe", args.name, *where, "--format=value(state)"]
+    state = "" if args.dry_run else subprocess.run(describe, capture_output=True, text=True).stdout.strip()
     if args.dry_run:
-        print(f"# create the slice unless `{shlex.join([*gcloud, 'describe', args.name, *where])}` finds it")
-    if not exists:
+        print(f"# create the slice unless `{shlex.join(describe)}` says READY (a PREEMPTED one is recreated)")
+    if state == "PREEMPTED":  # a spot slice taken back: make it again (the run resumes from its checkpoints)
+        run([*gcloud, "delete", args.name, *where, "--quiet"])
+    if state != "READY":
         run([*gcloud, "create", args.name, *where, "--accelerator-type", args.accelerator_type,
              "--version", args.version, *(["--spot"] if args.spot else [])])
     ssh = [*gcloud, "ssh", args.name, *where, "--worker=all", "--command"]
@@ -76,19 +78,39 @@ def tpu(args, train_args: list[str]) -> None:
     archive = "/tmp/dpo-jax.tar.gz"
     run(["git", "-C", str(REPO), "archive", "--format=tar.gz", "-o", archive, "HEAD"])
     run([*gcloud, "scp", archive, f"{args.name}:dpo-jax.tar.gz", *where, "--worker=all"])
+    # TPU VM images ship an older Python than dpo-jax needs (3.11+): uv brings its own
     setup = ("rm -rf dpo-jax && mkdir dpo-jax && tar -xzf dpo-jax.tar.gz -C dpo-jax && "
-             "python3 -m venv venv && . venv/bin/activate && pip install -q -e \"./dpo-jax[tpu]\"")
+             "(command -v uv || curl -LsSf https://astral.sh/uv/install.sh | sh) && export PATH=$HOME/.local/bin:$PATH"
+             " && uv venv -q -p 3.11 --allow-existing venv && . venv/bin/activate && uv pip install -q -e \"./dpo-jax[tpu]\"")
     if args.bucket:  # a shared run directory for multi-host runs: every worker writes its checkpoint shards
-        setup += (f" && sudo mkdir -p /mnt/{args.bucket} && sudo chown $USER /mnt/{args.bucket} && "
-                  f"(mountpoint -q /mnt/{args.bucket} || gcsfuse --implicit-dirs {args.bucket} /mnt/{args.bucket})")
+        mount = f"/mnt/{args.bucket}"
+        setup += (" && (command -v gcsfuse || (echo \"deb https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs)"
+                  " main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -s "
+                  "https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get update -q "
+                  "&& sudo apt-get install -y -q gcsfuse))"
+                  f" && sudo mkdir -p {mount} && sudo chown $USER {mount} && (mountpoint -q {mount} || gcsfuse "
+                  f"--implicit-dirs --rename-dir-limit=1000000 {args.bucket} {mount})")  # Orbax renames directories
     run([*ssh, setup])
-    # every worker runs the same command; on a multi-host slice JAX finds the other workers itself
-    run([*ssh, f". venv/bin/activate && {train_command(train_args)}"])
+    train_args = copy_local_data(run, gcloud, args, where, train_args)
+    # every worker runs the same command; --distributed true: JAX finds the slice's workers from the VM metadata
+    run([*ssh, f". venv/bin/activate && {train_command([*train_args, '--distributed', 'true'])}"])
     out = output_dir(train_args)
     if out and not args.bucket:
         run([*gcloud, "scp", "--recurse", f"{args.name}:{out}", str(Path(out).parent), *where, "--worker=0"])
     if args.delete:
         run([*gcloud, "delete", args.name, *where, "--quiet"])
+
+
+def copy_local_data(run: Runner, gcloud: list[str], args, where: list[str], train_args: list[str]) -> list[str]:
+    """A --dataset_name that is a local file or directory is copied to every worker (as ~/data/<name>)."""
+    out = list(train_args)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--dataset_name" and Path(out[i + 1]).exists():
+            local = Path(out[i + 1])
+            run([*gcloud, "ssh", args.name, *where, "--worker=all", "--command", "mkdir -p data"])
+            run([*gcloud, "scp", "--recurse", str(local), f"{args.name}:data/{local.name}", *where, "--worker=all"])
+            out[i + 1] = f"data/{local.name}"
+    return out
 
 
 def gpu(args, train_args: list[str]) -> None:
@@ -103,14 +125,14 @@ def gpu(args, train_args: list[str]) -> None:
 SBATCH = """#!/bin/bash
 #SBATCH --job-name={job}
 #SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
+#SBATCH --ntasks-per-node={gpus}
 #SBATCH --gpus-per-node={gpus}
 #SBATCH --cpus-per-task={cpus}
 #SBATCH --time={time}
 {partition}#SBATCH --output={job}-%j.out
-# One task per node; each task is one JAX process driving its node's GPUs. jax.distributed finds the
-# coordinator, the process count and this process's number from SLURM's environment (dpo-jax's
-# --distributed auto sees SLURM_NTASKS > 1). The run directory must be on a filesystem all nodes share.
+# One task per GPU: jax.distributed finds the coordinator, the process count, this process's number and its
+# GPU (the task's local rank) from SLURM's environment (dpo-jax's --distributed auto sees SLURM_NTASKS > 1).
+# The run directory must be on a filesystem all nodes share.
 set -euo pipefail
 {activate}export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 srun dpo-jax train {train}
@@ -150,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("slurm", help="several GPU nodes under SLURM")
     s.add_argument("--nodes", type=int, required=True)
     s.add_argument("--gpus_per_node", type=int, default=8)
-    s.add_argument("--cpus_per_task", type=int, default=32)
+    s.add_argument("--cpus_per_task", type=int, default=8)
     s.add_argument("--partition")
     s.add_argument("--time", default="24:00:00")
     s.add_argument("--job_name", default="dpo-jax")

@@ -22,11 +22,11 @@ def test_tpu_single_host_v5e_8():
     assert archive.startswith("git -C ") and "archive" in archive
     assert copy.startswith("gcloud compute tpus tpu-vm scp /tmp/dpo-jax.tar.gz dpo-v5e:dpo-jax.tar.gz")
     assert "--worker=all" in copy and "--worker=all" in setup and "--worker=all" in train
-    assert "pip install -q -e \"./dpo-jax[tpu]\"" in setup
+    assert "uv venv -q -p 3.11" in setup and "uv pip install -q -e \"./dpo-jax[tpu]\"" in setup
     assert train.endswith("'. venv/bin/activate && dpo-jax train --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct "
-                          "--dataset_name builtin:sample --output_dir runs/qwen'")
+                          "--dataset_name builtin:sample --output_dir runs/qwen --distributed true'")
     assert fetch.startswith("gcloud compute tpus tpu-vm scp --recurse dpo-v5e:runs/qwen runs") and "--worker=0" in fetch
-    assert "describe dpo-v5e" in out  # an existing slice is reused
+    assert "describe dpo-v5e" in out and "PREEMPTED" in out  # an existing slice is reused
 
 
 def test_tpu_multi_host_v5p_32_writes_to_a_shared_bucket():
@@ -35,7 +35,8 @@ def test_tpu_multi_host_v5p_32_writes_to_a_shared_bucket():
                           "--output_dir", "/mnt/my-runs/llama", "--resume_from_checkpoint", "true")
     create, _, _, setup, train = commands  # nothing to fetch: the run is in the bucket
     assert "--accelerator-type v5p-32 --version v2-alpha-tpuv5 --spot" in create
-    assert "gcsfuse --implicit-dirs my-runs /mnt/my-runs" in setup
+    assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-runs /mnt/my-runs" in setup
+    assert "apt-get install -y -q gcsfuse" in setup
     assert "--worker=all" in train and "--output_dir /mnt/my-runs/llama --resume_from_checkpoint true" in train
 
 
@@ -46,8 +47,17 @@ def test_gpu_node_and_slurm():
     out, (submit,) = dry_run("slurm", "--nodes", "4", "--gpus_per_node", "8", "--partition", "gpu", "--venv",
                              "/shared/venv", "--dry_run", "--", *TRAIN, "--output_dir", "/shared/runs/x")
     assert submit == "sbatch dpo-jax.sbatch"
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", ". /shared/venv/bin/activate",
                  "srun dpo-jax train --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name builtin:sample "
                  "--output_dir /shared/runs/x"):
         assert line in out.splitlines(), line
+
+
+def test_tpu_copies_a_local_dataset_to_every_worker(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    _, commands = dry_run("tpu", "--name", "t", "--zone", "z", "--dry_run", "--", "--dataset_name", str(data),
+                          "--output_dir", "o")
+    assert any(c.startswith(f"gcloud compute tpus tpu-vm scp --recurse {data} t:data/prefs.jsonl") for c in commands)
+    assert "--dataset_name data/prefs.jsonl" in commands[-2]  # the train command, before the fetch

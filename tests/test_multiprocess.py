@@ -33,7 +33,8 @@ def rows(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("extra", [[], ["--precompute_ref_log_probs", "true", "--pack_pairs", "packed"]],
+@pytest.mark.parametrize("extra", [[], ["--precompute_ref_log_probs", "true", "--pack_pairs", "packed", "--mesh",
+                                         "fsdp=-1"]],  # weights spread over both processes
                          ids=["live-reference", "precomputed-packed"])
 def test_two_processes_train_as_one_process_with_eight_devices(tmp_path, extra, monkeypatch):
     monkeypatch.setenv("DPO_JAX_CACHE", str(tmp_path / "cache-one"))

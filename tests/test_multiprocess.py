@@ -57,10 +57,14 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path, extra, 
     one.train()
     two_rows, one_rows = rows(out), rows(tmp_path / "one")
     assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows]  # one set of logs, not two
+    # Rewards are beta x differences of log-probs summed over ~100 tokens: where the reference's come from other
+    # batches (precomputed), they agree to a few float32 ulps of |logps|, times beta.
+    ulps = 8 * np.finfo(np.float32).eps * max(abs(r.get("logps/rejected", 0)) for r in one_rows)
     for a, b in zip(one_rows, two_rows):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval_loss", "eval_rewards/margins"):
             if key in a:
-                np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=max(1e-6, 0.1 * ulps),
+                                           err_msg=f"step {a['step']} {key}")
     assert len(list((out / "runs").glob("events.out.tfevents.*"))) == 1
 
     # the two processes' checkpoint, restored by this single process onto its own 8 devices

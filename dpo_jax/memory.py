@@ -139,7 +139,8 @@ def device_memory(limit_gb: float | None = None) -> tuple[int | None, str]:
     if jax.process_count() > 1:  # every process must take the same decision
         from jax.experimental import multihost_utils
 
-        available = int(multihost_utils.process_allgather(np.int64(available)).min())
+        mib = multihost_utils.process_allgather(np.int32(available // 2**20))  # int32: JAX's default ints
+        available = int(np.asarray(mib).min()) * 2**20
     return available // jax.local_device_count(), f"host memory available / {jax.local_device_count()} devices"
 
 

@@ -3,6 +3,7 @@ on a loopback port) train exactly as one process with 8 devices."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path, extra, 
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
     assert "trained 4 steps" in results[0][0] and "trained" not in results[1][0]  # one summary, from process 0
+    assert re.search(r"device memory +[0-9.]+ [GM]B", results[0][0]), results[0][0]  # agreed by both, positive
 
     one = Trainer(options.parse(["--model_name_or_path", model, "--output_dir", str(tmp_path / "one"), *args]))
     one.train()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import queue
+import threading
 from dataclasses import dataclass
 
 import datasets
@@ -30,6 +32,7 @@ from .preprocess import tokenize
 TRUNCATION_MODES = ("keep_start", "keep_end")
 LAYOUTS = ("pairs", "shared_prefix", "packed")
 ROW_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # packed layout: rows per batch, as fractions of its pairs
+PACKED_EPOCHS = 3  # packed layout: epochs whose batches choose the row lengths
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ class BatchIterator:
             raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
         if layout != "pairs" and pairs.truncation.truncation_mode != "keep_start":
             raise UserError("prefix sharing needs truncation_mode keep_start: keep_end can cut chosen and rejected "
-                            "prompts differently")
+                            "prompts differently; with keep_end use --pack_pairs pairs")
         self.layout = layout
         self.lengths = pairs.pair_length if layout == "pairs" else pairs.shared_length
         self.pairs, self.batch_size, self.pad = pairs, global_batch_size, pad_token_id
@@ -222,10 +225,6 @@ class BatchIterator:
                            (process_index + 1) * global_batch_size // process_count)
         self.steps_per_epoch = -(-len(pairs) // global_batch_size)
         cap = pairs.truncation.max_length and (pairs.truncation.max_length * (1 if layout == "pairs" else 2))
-        if layout == "packed":  # one row length for the run, room for two of the longest pairs; rows vary
-            longest = int(self.lengths.max())
-            buckets = buckets or (-(-2 * longest // multiple) * multiple,)
-        self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
         local_pairs = global_batch_size // process_count
         self.process_count, self.process_index = process_count, process_index
         self.micro_batches = micro_batches  # packed layout: pack each micro-batch of the step on its own
@@ -235,6 +234,15 @@ class BatchIterator:
         # its rows over), so the rows shard like the pairs
         self.row_counts = tuple(sorted({-(-max(1, math.ceil(local_pairs // micro_batches * f)) // row_multiple)
                                         * row_multiple for f in ROW_FRACTIONS}))
+        # packed: no row longer than two of the longest pairs (attention is quadratic in the row); the row
+        # lengths are buckets of the packed batches' longest rows over the first PACKED_EPOCHS epochs, and a
+        # later batch that needs more gets `row_cap` (one more compiled shape, rarely)
+        self.row_cap = -(-2 * int(self.lengths.max()) // multiple) * multiple
+        if layout == "packed" and not buckets:
+            needed = [self._packing(self.order(e)[s * self.batch_size:(s + 1) * self.batch_size])[2]
+                      for e in range(PACKED_EPOCHS) for s in range(self.steps_per_epoch)]
+            buckets = choose_buckets(needed, num_buckets, multiple, None)
+        self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
         if self.buckets[-1] < self.lengths.max():
             raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "
                             f"({self.lengths.max()} tokens); give buckets up to max_length")
@@ -256,7 +264,7 @@ class BatchIterator:
         return lengths.max(axis=1)
 
     def bucket_for(self, length: int) -> int:
-        return next(b for b in self.buckets if b >= length)
+        return next((b for b in self.buckets if b >= length), max(self.row_cap, self.buckets[-1]))
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch `step` of `epoch`."""
@@ -309,13 +317,11 @@ class BatchIterator:
 
         Each process packs its own pairs, and within them each micro-batch's pairs separately: the step puts
         pair i * k + j and row i * k + j in micro-batch j, so `pair_row` counts rows within the micro-batch,
-        across processes. The rows per micro-batch, the same everywhere, are the smallest of `row_counts`
-        that holds the fullest packing."""
-        length, k = self.buckets[-1], self.micro_batches
-        parts = np.array_split(indices, self.process_count)
-        packings = [[self._first_fit(part[j::k], length) for j in range(k)] for part in parts]
-        rows = next(r for r in self.row_counts if r >= max(len(g) for p in packings for g in p))
-        local, packing = parts[self.process_index], packings[self.process_index]
+        across processes. The rows per micro-batch and their length, the same everywhere, come from `_packing`."""
+        k = self.micro_batches
+        rows, packings, longest = self._packing(indices)
+        length = self.bucket_for(max(longest, 1))
+        local, packing = np.array_split(indices, self.process_count)[self.process_index], packings[self.process_index]
         b, total = len(local), rows * k
         out = {"input_ids": np.full((total, length), self.pad, np.int32),
                "branch": np.full((total, length), -1, np.int32), "segment": np.full((total, length), -1, np.int32),
@@ -340,28 +346,39 @@ class BatchIterator:
                     start += len(ids)
         return self._with_ref(out, local)
 
-    def _first_fit(self, indices: np.ndarray, length: int) -> list[list[int]]:
-        rows: list[list[int]] = []
-        free: list[int] = []
+    def _packing(self, indices: np.ndarray) -> tuple[int, list, int]:
+        """(rows per micro-batch, each process's micro-batches' rows of pair indices, the longest row): the fewest
+        of `row_counts` whose balanced packing keeps every row within `row_cap`."""
+        k = self.micro_batches
+        parts = np.array_split(indices, self.process_count)
+        for rows in self.row_counts:  # the last one has a row per pair, which always fits
+            packings = [[self._balanced(part[j::k], rows) for j in range(k)] for part in parts]
+            longest = max((sum(int(self.lengths[i]) for i in row) for p in packings for g in p for row in g), default=0)
+            if longest <= self.row_cap:
+                break
+        return rows, packings, longest
+
+    def _balanced(self, indices: np.ndarray, rows: int) -> list[list[int]]:
+        """Pairs into `rows` rows, longest first, each into the emptiest row (rows of about equal length)."""
+        out: list[list[int]] = [[] for _ in range(rows)]
+        fill = [0] * rows
         for i in sorted((int(i) for i in indices if i >= 0), key=lambda i: -self.lengths[i]):
-            need = int(self.lengths[i])
-            r = next((r for r, f in enumerate(free) if f >= need), None)
-            if r is None:
-                rows.append([]), free.append(length)
-                r = len(rows) - 1
-            rows[r].append(i)
-            free[r] -= need
-        return rows
+            r = min(range(rows), key=fill.__getitem__)
+            out[r].append(i)
+            fill[r] += int(self.lengths[i])
+        return out
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = self.batch(self.epoch, self.step)
-        self.step += 1
-        if self.step == self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
+        self.epoch, self.step = self.after(self.epoch, self.step)
         return batch
+
+    def after(self, epoch: int, step: int) -> tuple[int, int]:
+        """The position following (epoch, step)."""
+        return (epoch + 1, 0) if step + 1 == self.steps_per_epoch else (epoch, step + 1)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "shuffle": self.shuffle, "layout": self.layout,
@@ -379,6 +396,62 @@ class BatchIterator:
             raise UserError(f"the saved data position does not fit this run: {', '.join(changed)} changed since it "
                             f"was saved. Resume with the same data, tokenizer, truncation, batch size and seed.")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+class Prefetcher:
+    """A BatchIterator's batches built `depth` steps ahead in a background thread, so that the step never waits
+    for the host (padding, packing and gathering a batch costs about a millisecond, and grows with nothing but
+    the batch). Its position, `state_dict()`, is the next batch handed out, not the next one built."""
+
+    def __init__(self, batches: BatchIterator, depth: int = 2):
+        self.batches, self.depth = batches, depth
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    def _start(self) -> None:
+        self._stop = stop = threading.Event()
+        self._queue = out = queue.Queue(self.depth)
+        batches, position = self.batches, (self.batches.epoch, self.batches.step)
+
+        def work(epoch: int, step: int) -> None:
+            while not stop.is_set():
+                try:
+                    item = (epoch, step, batches.batch(epoch, step))
+                except BaseException as e:  # handed to the consumer, which raises it
+                    item = e
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item, BaseException):
+                    return
+                epoch, step = batches.after(epoch, step)
+
+        threading.Thread(target=work, args=position, daemon=True, name="dpo-jax-batches").start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._queue is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        epoch, step, batch = item
+        assert (epoch, step) == (self.batches.epoch, self.batches.step)
+        self.batches.epoch, self.batches.step = self.batches.after(epoch, step)
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue = None
 
 
 def load_pairs(cfg: DataConfig, split: str, tokenizer):

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output_dir", required=True)
     export.add_argument("--mesh", default="fsdp=-1", help="devices to load the checkpoint onto")
     export.set_defaults(run=_export)
+    bench = sub.add_parser("bench", add_help=False,
+                           help="training speed and memory, and TRL's side by side (--vs trl); --help for more")
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -174,10 +177,16 @@ def _train(args) -> int:
     return 0 if trainer.finished else 128 + trainer.stopped_by  # stopped early: as a process killed by it
 
 
+def _bench(args) -> int:
+    from .bench import main
+
+    return main(args.options)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command not in ("train", "evaluate") and rest:
+    if args.command not in ("train", "evaluate", "bench") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.options = rest
     try:

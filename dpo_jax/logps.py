@@ -18,7 +18,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-CHUNK_BYTES = 256 * 2**20  # float32 logits held per chunk, summed over the rows of the batch
+CHUNK_BYTES = 64 * 2**20  # float32 logits held per chunk, summed over the rows of the batch
 
 
 # The mesh whose data x fsdp devices split the rows, while a step is traced (`on_mesh`); None: no hints.

@@ -7,10 +7,10 @@ r rows (sequences) of T tokens (the longest bucket):
 - per decoder layer, with nothing recomputed: 3 attention-score buffers r x heads x T x T in float32 (scores,
   probabilities, their gradient) and r x T x (10 hidden + 3 intermediate) values in the compute dtype
   (projections, norms, residuals, the MLP's gate, up and product);
-- with `gradient_checkpointing`: each layer keeps only its input (r x T x hidden), and one layer's buffers
-  above are live at a time. XLA:CPU compiling for a single device keeps every layer's buffers whatever the
-  remat setting (measured with `memory_analysis()`), so there the first model applies either way;
-- the output head: 3 buffers r x C x vocab in float32 (logits, probabilities, gradient), C the head's chunk;
+- with `gradient_checkpointing`: each layer keeps only its input (r x T x hidden); one layer's buffers above
+  are live at a time, with one attention-score buffer; and the blocks' weights are stacked for the scan that
+  runs them (models/layers.py), the policy's and a live reference's (a copy of the parameters each);
+- the output head: 2 buffers r x C x vocab in float32 (a chunk's logits and their gradient), C the chunk;
 - the gradient (float32, like the trainable parameters; twice with gradient accumulation: the running sum)
   and one more copy for the optimizer's update.
 Checked against XLA's own `compiled.memory_analysis()` of the train step on one CPU device: within 25% over
@@ -96,26 +96,28 @@ def sharded_bytes(config, mesh, param_bytes: int = 4) -> tuple[int, int, int]:
 
 def plan(config, mesh, *, per_device_batch: int, max_length: int, compute_dtype, gradient_accumulation_steps: int = 1,
          gradient_checkpointing: bool = True, lora_params: int | None = None, live_reference: bool = True,
-         backend: str | None = None) -> Plan:
+         rows_per_pair: int = 2) -> Plan:
     """The per-device memory of a run: `lora_params` is the adapters' parameter count when training LoRA;
-    `live_reference` False when the reference log-probs are precomputed (or LoRA: the base is the reference)."""
-    backend = backend or jax.default_backend()
+    `live_reference` False when the reference log-probs are precomputed (or LoRA: the base is the reference);
+    `rows_per_pair` 2 when chosen and rejected have rows of their own, 1 for the prompt-sharing layouts (whose
+    `max_length` is then the row's)."""
     d = dims(config)
     tensor = mesh.shape["tensor"]
     params, largest_layer, count = sharded_bytes(config, mesh)
     devices = mesh.shape["data"] * mesh.shape["fsdp"] * tensor
     trainable = params if lora_params is None else 4 * lora_params // mesh.shape["fsdp"]  # A over fsdp, B mostly
     c = jnp.dtype(compute_dtype).itemsize
-    r, t = 2 * per_device_batch, max_length
+    r, t = rows_per_pair * per_device_batch, max_length
     heads, inter, vocab = d["heads"] // tensor or 1, d["intermediate"] // tensor, d["vocab"] // tensor
     scores = r * heads * t * t * 4
     layer = 3 * scores + r * t * (10 * d["hidden"] + 3 * inter) * c
-    if gradient_checkpointing and not (backend == "cpu" and devices == 1):
-        layers = d["layers"] * r * t * d["hidden"] * c + layer
+    if gradient_checkpointing:  # block inputs, one block's activations, and the blocks' weights stacked for the scan
+        stacked = params * (2 if live_reference or lora_params is not None else 1)  # the reference's too
+        layers = d["layers"] * r * t * d["hidden"] * c + (layer - 2 * scores) + stacked
     else:
         layers = d["layers"] * layer
     chunk = chunk_length(t, r * devices // tensor, d["vocab"])  # the step sizes chunks from its global shapes
-    head = 3 * r * chunk * vocab * 4
+    head = 2 * r * chunk * vocab * 4  # a chunk's logits and their gradient
     gathered = 2 * largest_layer * c if mesh.shape["fsdp"] > 1 else 0  # fsdp: one layer's weights gathered
     gradients = trainable * (2 if gradient_accumulation_steps > 1 else 1)
     batch = r * t * 4 * 5 * gradient_accumulation_steps

@@ -47,13 +47,14 @@ class RunConfig:
     eval_steps: int | None = None  # default: logging_steps
     save_steps: int = 500  # checkpoint every this many steps (and at the end)
     save_total_limit: int | None = None  # keep only the newest this many checkpoints; None: all
+    save_strategy: str = "steps"  # steps (every save_steps and at the end) or no (no checkpoints; as TRL)
     seed: int = 42  # data order, LoRA initialisation and dropout
     bf16: bool | None = None  # bfloat16 compute; default: on accelerators yes, on the CPU no
-    gradient_checkpointing: bool = True  # recompute each decoder block in the backward pass (less memory)
+    gradient_checkpointing: bool | None = None  # recompute blocks in the backward pass; None: when memory needs it
     precompute_ref_log_probs: bool = False  # one reference pass before training, cached; no reference in memory
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
     mesh: str = "fsdp=-1"  # data=2,fsdp=-1,tensor=1 style; -1 takes the remaining devices
-    pack_pairs: str = "pairs"  # pairs, shared_prefix (prompt computed once) or packed (several pairs per row)
+    pack_pairs: str = "packed"  # packed (pairs share rows, each prompt once), shared_prefix (a row per pair) or pairs
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
     memory_limit_gb: float | None = None  # per-device memory to plan for; default: what the device reports
@@ -89,7 +90,7 @@ CHOICES = {
     "lr_scheduler_type": SCHEDULES, "loss_type": tuple(LOSSES), "truncation_mode": ("keep_start", "keep_end"),
     "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
     "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
-    "distributed": ("auto", "true", "false"),
+    "distributed": ("auto", "true", "false"), "save_strategy": ("steps", "no"),
 }
 
 

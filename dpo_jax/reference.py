@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from .batching import BatchIterator, Pairs
-from .logps import sequence_logps
 
 CACHE_ENV = "DPO_JAX_CACHE"  # default: ~/.cache/dpo_jax
 FORMAT = "ref-logps-v1"  # part of every key: change it when the log-prob computation changes
@@ -67,7 +66,7 @@ def cache_key(ref_params: nnx.State, config, pairs: Pairs, compute_dtype) -> str
 
 def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_token_id: int,
                chunk: int | None = None, cache_dirs: list[Path] = (), key: str | None = None,
-               mesh=None) -> np.ndarray:
+               mesh=None, layout: str = "pairs") -> np.ndarray:
     """The reference's (chosen, rejected) log-probs of every pair: read from the first cache directory that has
     `key`, else computed in one ordered pass and written to every cache directory (atomically). With a `mesh`
     the batches are split over its data x fsdp devices; with several processes each builds its own rows and
@@ -80,8 +79,12 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
             table = None
     if table is not None:
         return table
+    devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if layout != "pairs" and pairs.truncation.truncation_mode != "keep_start":
+        layout = "pairs"
     batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+                            process_index=jax.process_index(), process_count=jax.process_count(), layout=layout,
+                            row_multiple=max(1, devices // jax.process_count()))
     fn = functools.partial(_ref_logps, ref_graphdef, chunk=chunk)
     if mesh is None:
         step = jax.jit(fn)
@@ -116,11 +119,11 @@ def _cached(cache_dirs, key: str | None, n_pairs: int) -> np.ndarray | None:
 
 def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:
     """`params` is the state to merge, or a tuple of states (LoRA: zeroed adapters and the base weights)."""
-    rows = [batch[k].reshape(-1, batch[k].shape[-1])
-            for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")]
+    from .step import layout_forward
+
+    forward, rows = layout_forward(batch)
     states = params if isinstance(params, tuple) else (params,)
-    out = sequence_logps(nnx.merge(graphdef, *states), *rows, chunk=chunk)
-    return out["logps"].reshape(-1, 2)
+    return forward(nnx.merge(graphdef, *states), *rows, chunk=chunk)["logps"].reshape(-1, 2)
 
 
 def _save(path: Path, table: np.ndarray) -> None:

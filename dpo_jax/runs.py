@@ -109,7 +109,8 @@ def evaluate(argv: list[str]) -> dict:
     pairs, _ = load_pairs(o.data, split, tokenizer)
     pairs.check_vocab(policy.config.vocab_size)
     batches = BatchIterator(pairs, global_batch_size=o.run.per_device_eval_batch_size * mesh.shape["data"]
-                            * mesh.shape["fsdp"], pad_token_id=pad_id(tokenizer), shuffle=False)
+                            * mesh.shape["fsdp"], pad_token_id=pad_id(tokenizer), shuffle=False,
+                            layout=o.run.pack_pairs, row_multiple=mesh.shape["data"] * mesh.shape["fsdp"])
     cfg = dataclasses.replace(step_config(o), lora=False)  # adapters are folded in: a plain policy
     evaluate_step = S.compile_eval_step(graphdef, ref_graphdef, cfg, mesh, params, ref)
     metrics = eval_metrics(evaluate_step, params, ref, batches, mesh, cfg)

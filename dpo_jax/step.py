@@ -86,12 +86,15 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(clip, adamw)
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+def init_state(params: nnx.State, tx: optax.GradientTransformation, donate: bool = False) -> TrainState:
     """The initial state, built under jit so that the optimizer state is laid out like the parameters (and
-    scalars replicated) on their mesh, with its own buffers (the state is donated)."""
+    scalars replicated) on their mesh, with its own buffers (the state is donated to the step). With `donate`
+    the state takes over `params`' buffers (no copy; `params` cannot be used afterwards)."""
     def init(p):
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, p, tx.init(p), zero, zero)
+    if donate:
+        return jax.jit(init, donate_argnums=0)(params)
     return jax.jit(init)(jax.tree.map(jnp.copy, params))
 
 
@@ -101,9 +104,11 @@ def split_policy(model, gradient_checkpointing: bool):
     return nnx.split(model, nnx.Param)
 
 
-def split_reference(model):
-    """(graphdef, params) of the frozen reference (never rematerialised: it has no backward pass)."""
-    model.remat = False
+def split_reference(model, like_policy_remat: bool = False):
+    """(graphdef, params) of the frozen reference. It has no backward pass, so nothing to rematerialise, but with
+    `like_policy_remat` its blocks run in the same scan as a rematerialised policy's: the same program rounds
+    the same way, so a policy equal to its reference gets rewards of exactly 0, as TRL."""
+    model.remat = like_policy_remat
     return nnx.split(model, nnx.Param)
 
 
@@ -123,20 +128,22 @@ def _rows(batch: dict) -> tuple:
                  for k in ("input_ids", "attention_mask", "completion_mask", "position_ids"))
 
 
+def layout_forward(batch: dict):
+    """(forward, its row arguments) for a batch of any of batching.py's layouts; `forward(model, *rows,
+    chunk=...)` gives per-pair [B, 2] values (sequence_logps: [2B], chosen and rejected alternating)."""
+    if "segment" in batch:  # several prompt-sharing pairs per row
+        return packed_logps, (batch["input_ids"], batch["branch"], batch["segment"], batch["position_ids"],
+                              batch["pair_row"], batch["pair_slot"])
+    if "branch" in batch:  # one prompt-sharing row per pair
+        return shared_prefix_logps, (batch["input_ids"], batch["branch"], batch["position_ids"])
+    return sequence_logps, _rows(batch)
+
+
 def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: StepConfig, salt=None):
     """PairLogps of a (micro-)batch and the per-pair logit sums (chosen, rejected). `salt` (training only)
     draws the LoRA dropout masks; without it there is no dropout."""
     b = batch["pair_mask"].shape[0]
-    if "segment" in batch:  # several prompt-sharing pairs per row
-        rows = (batch["input_ids"], batch["branch"], batch["segment"], batch["position_ids"], batch["pair_row"],
-                batch["pair_slot"])
-        forward = packed_logps
-    elif "branch" in batch:  # one prompt-sharing row per pair
-        rows = (batch["input_ids"], batch["branch"], batch["position_ids"])
-        forward = shared_prefix_logps
-    else:
-        rows = _rows(batch)
-        forward = sequence_logps
+    forward, rows = layout_forward(batch)
     if cfg.lora:  # the policy is base + adapters; the reference the same base with the adapters zeroed
         from .lora import dropout_keys
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import lora, memory, reference, report
 from . import options as opts
 from . import step as S
-from .batching import BatchIterator, load_pairs
+from .batching import BatchIterator, Prefetcher, load_pairs
 from . import checkpoint
 from .checkpoint import Checkpoints, abstract
 from .data import MissingSplit
@@ -99,10 +99,15 @@ def build_models(o: Options, mesh, dtype) -> Models:
                         o.lora.lora_dropout, seed=o.run.seed)
         graphdef, params, ref = lora.split_lora(policy, o.run.gradient_checkpointing)
         return Models(policy.config, graphdef, params, None, ref, policy.config)
+    ref_path = o.run.ref_model_name_or_path
+    if not ref_path or ref_path == o.run.model_name_or_path:  # the usual case: a copy, not a second load
+        ref_graphdef, ref = S.split_reference(policy, o.run.gradient_checkpointing)
+        ref, ref_config = jax.tree.map(jnp.copy, ref), policy.config
+    else:
+        ref_model = from_pretrained(ref_path, dtype=dtype, mesh=mesh)
+        (ref_graphdef, ref), ref_config = S.split_reference(ref_model, o.run.gradient_checkpointing), ref_model.config
     graphdef, params = S.split_policy(policy, o.run.gradient_checkpointing)
-    ref_model = from_pretrained(o.run.ref_model_name_or_path or o.run.model_name_or_path, dtype=dtype, mesh=mesh)
-    ref_graphdef, ref = S.split_reference(ref_model)
-    return Models(policy.config, graphdef, params, ref_graphdef, ref, ref_model.config)
+    return Models(policy.config, graphdef, params, ref_graphdef, ref, ref_config)
 
 
 def eval_metrics(evaluate, params, ref, batches: BatchIterator, mesh, cfg: S.StepConfig) -> dict:
@@ -159,38 +164,48 @@ class Trainer:
         self.eval_pairs = self._eval_pairs()
         self.eval_batches = self.eval_pairs and BatchIterator(
             self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
-            shuffle=False, **processes())
+            shuffle=False, layout=o.run.pack_pairs, row_multiple=batch_devices // jax.process_count(), **processes())
         self.dtype = compute_dtype(o)
+        if o.run.gradient_checkpointing is None:  # only where memory needs it: it costs a forward pass
+            fits = self.plan_memory(config, max(self.batches.buckets), gradient_checkpointing=False, quiet=True)
+            self.o = o = dataclasses.replace(o, run=dataclasses.replace(o.run, gradient_checkpointing=not fits))
         self.plan_memory(config, max(self.batches.buckets))
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
         for pairs in filter(None, (self.train_pairs, self.eval_pairs)):
             pairs.check_vocab(models.config.vocab_size)
         self.cfg = step_config(o)
+        self.timings: dict[str, float] = {}
         if o.run.precompute_ref_log_probs:
+            start = time.perf_counter()
             self._precompute(params, models.ref_config, pad)
+            self.timings["precompute"] = time.perf_counter() - start
         self.total_steps = self._total_steps()
         self.schedule = S.make_schedule(o.optim, self.total_steps)
         self.tx = S.make_optimizer(o.optim, self.total_steps)
-        self.state = S.init_state(params, self.tx)
-        del params
+        self.state = S.init_state(params, self.tx, donate=True)
+        del params, models
         self.train_step = S.compile_train_step(self.graphdef, self.ref_graphdef, self.cfg, self.tx, self.mesh,
                                                self.state, self.ref)
         self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg, self.mesh,
                                              self.state.params, self.ref)
+        self.on_step = None  # called as on_step(step, batch, start, end) after each step (dpo-jax bench)
 
-    def plan_memory(self, config, length: int) -> memory.Plan:
-        """Print the per-device memory plan and refuse a run that will not fit, before loading any weight."""
+    def plan_memory(self, config, length: int, gradient_checkpointing: bool | None = None, quiet: bool = False):
+        """Print the per-device memory plan and refuse a run that will not fit, before loading any weight. With
+        `quiet`: only whether it fits with room to spare (a fifth of the device), for choosing remat."""
         o = self.o
+        remat = o.run.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         lora_params = (memory.lora_param_count(config, o.lora.lora_r, lora_targets(o) or lora.default_targets(config))
                        if o.lora.use_peft else None)
         live = not (o.run.precompute_ref_log_probs or o.loss.reference_free)
-        # (prompt-sharing layouts: `length` is a whole pair's row; counting two rows per pair over-estimates)
         plan = memory.plan(config, self.mesh, per_device_batch=o.run.per_device_train_batch_size, max_length=length,
                            compute_dtype=self.dtype, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
-                           gradient_checkpointing=o.run.gradient_checkpointing, lora_params=lora_params,
-                           live_reference=live)
+                           gradient_checkpointing=remat, lora_params=lora_params, live_reference=live,
+                           rows_per_pair=2 if o.run.pack_pairs == "pairs" else 1)
         limit, source = memory.device_memory(o.run.memory_limit_gb)
+        if quiet:
+            return limit is None or plan.total <= 0.8 * limit
         if self.main:
             print(plan.table(limit, source), flush=True)
         memory.check(plan, limit, lora=o.lora.use_peft, gradient_checkpointing=o.run.gradient_checkpointing,
@@ -221,8 +236,8 @@ class Trainer:
             if pairs:
                 key = reference.cache_key(ref, ref_config, pairs, self.dtype)
                 batches.ref_logps = reference.precompute(ref_graphdef, ref, pairs, batch_size=batch, pad_token_id=pad,
-                                                         cache_dirs=dirs, key=key,
-                                                         mesh=self.mesh)
+                                                         cache_dirs=dirs, key=key, mesh=self.mesh,
+                                                         layout=self.o.run.pack_pairs)
         if self.ref_graphdef:
             self.ref_graphdef, self.ref = None, None
 
@@ -293,16 +308,20 @@ class Trainer:
         say = bar.write if self.main else (lambda _: None)
         eval_every = self.o.run.eval_steps or self.o.run.logging_steps
         step, tokens, seconds, last, final = start, 0, 0.0, {}, {}
+        saving = self.o.run.save_strategy != "no"
+        feed = Prefetcher(self.batches)
         try:
             tick = time.perf_counter()
             for step in range(start + 1, self.total_steps + 1):
-                batch = next(self.batches)
+                batch = next(feed)
                 self.state, metrics = self.train_step(self.state, self.ref, S.put_batch(_arrays(batch), self.mesh))
                 metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
                 S.check_finite(metrics, self.o.run.max_nonfinite_steps)
                 now = time.perf_counter()
                 n = batch_tokens(batch) * jax.process_count()  # each process holds its share of the rows
                 tokens, seconds, elapsed, tick = tokens + n, seconds + now - tick, now - tick, now
+                if self.on_step is not None:
+                    self.on_step(step, batch, now - elapsed, now)
                 bar.update(1)
                 bar.set_postfix(report.postfix(metrics, n / elapsed), refresh=False)
                 if not metrics.pop("applied"):
@@ -318,12 +337,13 @@ class Trainer:
                 stop = _agree_on_stop(self.stopped_by) if jax.process_count() > 1 else self.stopped_by
                 if self.eval_batches and step % eval_every == 0 and step != self.total_steps and not stop:
                     reporter.log(step, self.evaluate())
-                if step % self.o.run.save_steps == 0 or step == self.total_steps or stop:
-                    self.checkpoints.save(step, self.state, self.batches.state_dict(), opts.to_dict(self.o))
+                if saving and (step % self.o.run.save_steps == 0 or step == self.total_steps or stop):
+                    self.checkpoints.save(step, self.state, feed.state_dict(), opts.to_dict(self.o))
                 if stop and step != self.total_steps:
                     self.stopped_by = stop
-                    say(f"stopped by signal {self.stopped_by} after step {step}; checkpoint saved: continue with "
-                        f"--resume_from_checkpoint true")
+                    say(f"stopped by signal {self.stopped_by} after step {step}; " + (
+                        "checkpoint saved: continue with --resume_from_checkpoint true" if saving
+                        else "no checkpoint (save_strategy no)"))
                     break
                 tick = time.perf_counter()
             self.finished = step == self.total_steps
@@ -332,6 +352,7 @@ class Trainer:
                 if final:
                     reporter.log(step, final)
         finally:
+            feed.close()
             self.checkpoints.wait()  # a save in flight completes, whatever happened
             bar.close()
             reporter.close()
@@ -341,7 +362,7 @@ class Trainer:
             if step == start:
                 print(f"dpo-jax: the run in {self.out} had already finished ({step} steps)")
                 return final
-            written = ["metrics.jsonl", "checkpoints/"]
+            written = ["metrics.jsonl"] + (["checkpoints/"] if saving else [])
             if reporter.tb is not None:
                 written.append("runs/ (TensorBoard: tensorboard --logdir " + str(self.out / "runs") + ")")
             if reporter.wandb is not None:

@@ -40,7 +40,7 @@ def test_plan_agrees_with_the_compiled_step(hidden, layers, vocab, length, batch
     model_cls = family("llama").Model
     cfg = S.StepConfig(loss=LossConfig(), gradient_accumulation_steps=accumulation, gradient_checkpointing=remat)
     graphdef, params = S.split_policy(model_cls(config, rngs=nnx.Rngs(0)), remat)
-    ref_graphdef, ref = S.split_reference(model_cls(config, rngs=nnx.Rngs(1)))
+    ref_graphdef, ref = S.split_reference(model_cls(config, rngs=nnx.Rngs(1)), remat)
     params, ref = S.shard_params(params, mesh), S.shard_params(ref, mesh)
     tx = S.make_optimizer(S.OptimConfig(), 10)
     state = S.init_state(params, tx)

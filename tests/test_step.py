@@ -80,7 +80,7 @@ def test_chunked_logps_equal_transformers_log_softmax(checkpoint, chunk):
 def setup(path, cfg=S.StepConfig(), mesh=None, lr=1e-3, ref_path=None):  # noqa: D103
     policy = load(path, mesh=mesh)
     graphdef, params = S.split_policy(policy, cfg.gradient_checkpointing)
-    ref_graphdef, ref_params = S.split_reference(load(ref_path or path, mesh=mesh))
+    ref_graphdef, ref_params = S.split_reference(load(ref_path or path, mesh=mesh), cfg.gradient_checkpointing)
     tx = S.make_optimizer(S.OptimConfig(learning_rate=lr, lr_scheduler_type="constant"), 10)
     state = S.init_state(params, tx)
     fn = S.compile_train_step(graphdef, ref_graphdef, cfg, tx, mesh, state, ref_params)
@@ -521,3 +521,28 @@ def test_lora_dropout_in_training_only(checkpoint):
                                rtol=1e-6, atol=1e-5)
     ref = evaluate(salt=jnp.int32(1))[0]
     np.testing.assert_allclose(ref.ref_chosen, evaluate()[0].ref_chosen, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_gradient_checkpointing_equals_plain_backward(arch, tmp_path):
+    """Blocks scanned under jax.checkpoint (runs of equal blocks; gemma2 alternates sliding and global layers,
+    so its blocks are checkpointed one by one) give the plain backward pass's loss, metrics and gradients."""
+    tiny_models.make_model(arch).save_pretrained(tmp_path)
+    batch = jax.tree.map(jnp.asarray, make_batch(t=16))
+    results = []
+    for remat in (False, True):
+        cfg = S.StepConfig(loss=LossConfig(loss_type=("sigmoid", "sft")), gradient_checkpointing=remat)
+        graphdef, params = S.split_policy(load(str(tmp_path)), remat)
+        ref_graphdef, ref_params = S.split_reference(load(str(tmp_path)), remat)
+        params = jax.tree.map(lambda x: x * 1.1, params)  # policy != reference
+
+        def loss(p):
+            return S._micro_loss(p, graphdef, ref_graphdef, ref_params, batch, S.batch_counts(batch), cfg)
+        (value, (sums, _)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results.append((float(value), jax.tree.map(float, sums), jax.tree.map(np.asarray, grads)))
+    (loss0, sums0, grads0), (loss1, sums1, grads1) = results
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for k in sums0:
+        np.testing.assert_allclose(sums1[k], sums0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())

@@ -288,12 +288,32 @@ class GatedMLP(nnx.Module):
 
 
 def run_blocks(blocks, x, *args, remat: bool = False):
-    """Apply decoder blocks in order; with `remat`, each block's activations are recomputed in the backward
-    pass instead of kept (only its input is saved)."""
-    for block in blocks:
-        if remat:  # functional, so that no module state crosses the checkpoint's trace
-            graphdef, state = nnx.split(block)
-            x = jax.checkpoint(lambda s, *a, g=graphdef: nnx.merge(g, s)(*a))(state, x, *args)
-        else:
+    """Apply decoder blocks in order. With `remat`, runs of blocks of the same structure go through one
+    `jax.lax.scan` over their stacked weights, each block under `jax.checkpoint`: the backward pass keeps
+    only each block's input and recomputes the rest. The scan
+    is what makes XLA keep that promise: blocks checkpointed one after the other in straight-line code are
+    often scheduled so that every recomputation lands early and the memory is not saved (XLA:CPU)."""
+    if not remat:
+        for block in blocks:
             x = block(x, *args)
+        return x
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+    start = 0
+    while start < len(blocks):  # runs of consecutive blocks with one structure (sliding-window layers differ)
+        end = start + 1
+        while end < len(blocks) and graphdefs[end] == graphdefs[start]:
+            end += 1
+        x = _scan_blocks(graphdefs[start], states[start:end], x, args)
+        start = end
+    return x
+
+
+def _scan_blocks(graphdef, states, x, args):
+    """Blocks of one structure, their weights stacked (a copy: the blocks' parameters once more while the
+    step runs), in a scan whose body is checkpointed."""
+    body = jax.checkpoint(lambda s, h: nnx.merge(graphdef, s)(h, *args))
+    if len(states) == 1:
+        return body(states[0], x)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    x, _ = jax.lax.scan(lambda h, s: (body(s, h), None), x, stacked)
     return x

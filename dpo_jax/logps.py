@@ -1,8 +1,9 @@
 """Per-token log-probabilities of the target tokens, without a float32 [N, T, V] log-softmax for the batch.
 
-The output head and the log-softmax run over the sequence in chunks of C positions (`jax.lax.map`), each
-chunk under `jax.checkpoint`, so the forward pass holds one chunk's [N, C, V] logits at a time and the
-backward pass recomputes them chunk by chunk instead of keeping them all. Everything after the head's matmul
+When the batch's float32 logits would exceed KEEP_BYTES, the output head and the log-softmax run over the
+sequence in chunks of C positions (`jax.lax.map`), each chunk under `jax.checkpoint`, so the forward pass
+holds one chunk's [N, C, V] logits at a time and the backward pass recomputes them chunk by chunk instead of
+keeping them all; below it they are computed in one piece and kept (faster). Everything after the head's matmul
 is float32, whatever the compute dtype.
 
 The log-prob of token t is read from the logits at its source position (t - 1, or for prompt-sharing rows
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 CHUNK_BYTES = 64 * 2**20  # float32 logits held per chunk, summed over the rows of the batch
+KEEP_BYTES = 2**30  # whole-batch float32 logits up to this size are kept, not chunked and recomputed
 
 
 # The mesh whose data x fsdp devices split the rows, while a step is traced (`on_mesh`); None: no hints.
@@ -50,6 +52,15 @@ def _rows_split(x: jax.Array, *rest) -> jax.Array:
 def chunk_length(length: int, rows: int, vocab: int, budget: int = CHUNK_BYTES) -> int:
     """Positions per chunk: as many as keep [rows, C, vocab] float32 logits within `budget` bytes."""
     return max(1, min(length, budget // (4 * rows * vocab)))
+
+
+def head_chunks(length: int, rows: int, vocab: int) -> tuple[int, bool]:
+    """(positions per chunk, whether chunks are recomputed in the backward pass): the whole sequence in one
+    piece, kept for the backward pass, when its float32 logits fit in KEEP_BYTES (recomputing them costs a
+    seventh of a small model's backward pass); else CHUNK_BYTES chunks, recomputed."""
+    if 4 * rows * length * vocab <= KEEP_BYTES:
+        return length, False
+    return chunk_length(length, rows, vocab), True
 
 
 def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Array,
@@ -131,13 +142,14 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
     n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
     hidden_NxTxD = _rows_split(jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1))
-    c = min(chunk or chunk_length(t, n, model.config.vocab_size), t)
+    c, recompute = (chunk, True) if chunk else head_chunks(t, n, model.config.vocab_size)
+    c = min(c, t)
     k = -(-t // c)
     if k * c != t:  # pad the sequence to whole chunks; the padded positions are dropped below
         hidden_NxTxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, k * c - t), (0, 0)))
         targets_NxT = jnp.pad(targets_NxT, ((0, 0), (0, k * c - t)))
 
-    @jax.checkpoint
+    @(jax.checkpoint if recompute else (lambda f: f))
     def head(hidden_NxCxD, targets_NxC):
         logits_NxCxV = _rows_split(model.logits(hidden_NxCxD).astype(wide), None, "tensor")
         target_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import UserError
-from .logps import chunk_length
+from .logps import head_chunks
 from .models import family
 from .sharding import logical_to_spec
 
@@ -116,7 +116,7 @@ def plan(config, mesh, *, per_device_batch: int, max_length: int, compute_dtype,
         layers = d["layers"] * r * t * d["hidden"] * c + (layer - 2 * scores) + stacked
     else:
         layers = d["layers"] * layer
-    chunk = chunk_length(t, r * devices // tensor, d["vocab"])  # the step sizes chunks from its global shapes
+    chunk, _ = head_chunks(t, r * devices // tensor, d["vocab"])  # the step sizes chunks from its global shapes
     head = 2 * r * chunk * vocab * 4  # a chunk's logits and their gradient
     gathered = 2 * largest_layer * c if mesh.shape["fsdp"] > 1 else 0  # fsdp: one layer's weights gathered
     gradients = trainable * (2 if gradient_accumulation_steps > 1 else 1)

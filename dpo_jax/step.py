@@ -228,22 +228,28 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
         return (loss + l, jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s),
                 jax.tree.map(jnp.add, parts, p)), None
 
-    micro0 = jax.tree.map(lambda x: x[0], _split_micro(batch, k))
-    shapes = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0, counts,
-                                                cfg)[1])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    loss_shape = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0,
-                                                    counts, cfg)[0])
-    init = (jnp.zeros((), loss_shape.dtype), jax.tree.map(jnp.zeros_like, state.params), *zeros)
-    (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, (_split_micro(batch, k), jnp.arange(k)))
+    if k == 1:  # no running sum of gradients to keep
+        (loss, (sums, parts)), grads = grad_fn(state.params, graphdef, ref_graphdef, ref_params, batch, counts, cfg,
+                                               state.step + state.nonfinite_total)
+    else:
+        micro0 = jax.tree.map(lambda x: x[0], _split_micro(batch, k))
+        shapes = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0,
+                                                    counts, cfg)[1])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        loss_shape = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0,
+                                                        counts, cfg)[0])
+        init = (jnp.zeros((), loss_shape.dtype), jax.tree.map(jnp.zeros_like, state.params), *zeros)
+        (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, (_split_micro(batch, k), jnp.arange(k)))
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(new_params, state.params),
-                           opt_state=keep(new_opt, state.opt_state),
+
+    def update(_):
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), new_opt
+    # only the branch taken runs: a skipped step costs no update, an applied one no select over the state
+    new_params, new_opt = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=new_params, opt_state=new_opt,
                            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
                            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, **losses.finish_metrics(sums),

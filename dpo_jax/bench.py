@@ -51,9 +51,10 @@ DEFAULTS = {"model_name_or_path": "builtin:smollm2", "dataset_name": "builtin:sa
 
 # ---------------------------------------------------------------------------------------------- measurement
 def summarize(steps: list[dict], epochs: int) -> dict:
-    """Figures of the measured steps (those of the last epoch, or all after the first when there is one)."""
+    """Figures of the measured steps: those of the last epoch, or with a single epoch (`--bench_steps`) every
+    step after the first that compiled nothing."""
     last = max(s["epoch"] for s in steps)
-    measured = [s for s in steps if s["epoch"] == last] if epochs > 1 else steps[1:]
+    measured = [s for s in steps if s["epoch"] == last] if epochs > 1 else [s for s in steps[1:] if not s["compiles"]]
     seconds = sum(s["seconds"] for s in measured)
     return {"measured_steps": len(measured), "seconds": seconds,
             "pairs_per_second": sum(s["pairs"] for s in measured) / seconds,
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items()))
     parser.add_argument("--vs", choices=["trl"], help="also run TRL's DPOTrainer on the same model, data, settings")
     parser.add_argument("--bench_epochs", type=int, default=2, help="epochs to train; the last one is measured")
+    parser.add_argument("--bench_steps", type=int, help="instead: train this many steps of one epoch and measure "
+                        "those that compiled nothing (for datasets too large for whole epochs)")
     parser.add_argument("--trl_gradient_checkpointing", default="false", choices=["true", "false"])
     parser.add_argument("--output_json", help="write every figure (and per-step times) here")
     parser.add_argument("--work_dir", help="keep the runs' logs here (default: a temporary directory)")
@@ -271,6 +274,8 @@ def main(argv: list[str]) -> int:
     args, option_args = build_parser().parse_known_args(argv)
     given = {a[2:].split("=")[0] for a in option_args if a.startswith("--")}
     option_args = [x for k, v in DEFAULTS.items() if k not in given for x in (f"--{k}", v)] + option_args
+    if args.bench_steps:
+        option_args, args.bench_epochs = option_args + ["--max_steps", str(args.bench_steps)], 1
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo_jax_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     ours_args, shared = _prepare(option_args, work, need_hf_model=args.vs == "trl")

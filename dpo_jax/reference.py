@@ -84,7 +84,7 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
         layout = "pairs"
     batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False,
                             process_index=jax.process_index(), process_count=jax.process_count(), layout=layout,
-                            row_multiple=max(1, devices // jax.process_count()))
+                            row_multiple=max(1, devices // jax.process_count()), num_buckets=1)  # one pass: one shape
     fn = functools.partial(_ref_logps, ref_graphdef, chunk=chunk)
     if mesh is None:
         step = jax.jit(fn)

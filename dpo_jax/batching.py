@@ -240,7 +240,7 @@ class BatchIterator:
         self.row_cap = -(-2 * int(self.lengths.max()) // multiple) * multiple
         if layout == "packed" and not buckets:
             needed = [self._packing(self.order(e)[s * self.batch_size:(s + 1) * self.batch_size])[2]
-                      for e in range(PACKED_EPOCHS) for s in range(self.steps_per_epoch)]
+                      for e in range(PACKED_EPOCHS if shuffle else 1) for s in range(self.steps_per_epoch)]
             buckets = choose_buckets(needed, num_buckets, multiple, None)
         self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
         if self.buckets[-1] < self.lengths.max():
@@ -254,8 +254,9 @@ class BatchIterator:
             return self._orders[epoch]
         n = len(self.pairs)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        self._orders = {epoch: np.concatenate([order, np.full(self.steps_per_epoch * self.batch_size - n, -1)])}
-        return self._orders[epoch]
+        order = np.concatenate([order, np.full(self.steps_per_epoch * self.batch_size - n, -1)])
+        self._orders = {epoch: order}  # (replaced whole: the batch thread may read it meanwhile)
+        return order
 
     def batch_lengths(self, epoch: int) -> np.ndarray:
         """The longest pair of every global batch of an epoch."""
@@ -390,8 +391,8 @@ class BatchIterator:
         if missing:
             raise UserError(f"the saved data position lacks {', '.join(missing)}: it was not written by this "
                             f"version of dpo-jax, or the checkpoint is damaged.")
-        changed = [k for k in ("seed", "shuffle", "layout", "batch_size", "buckets", "fingerprint")
-                   if state[k] != mine[k]]
+        changed = [{"layout": "layout (pack_pairs)"}.get(k, k)
+                   for k in ("seed", "shuffle", "layout", "batch_size", "buckets", "fingerprint") if state[k] != mine[k]]
         if changed:
             raise UserError(f"the saved data position does not fit this run: {', '.join(changed)} changed since it "
                             f"was saved. Resume with the same data, tokenizer, truncation, batch size and seed.")
@@ -429,7 +430,8 @@ class Prefetcher:
                     return
                 epoch, step = batches.after(epoch, step)
 
-        threading.Thread(target=work, args=position, daemon=True, name="dpo-jax-batches").start()
+        self._thread = threading.Thread(target=work, args=position, daemon=True, name="dpo-jax-batches")
+        self._thread.start()
 
     def __iter__(self):
         return self
@@ -451,6 +453,8 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
+        if self._queue is not None:
+            self._thread.join()
         self._queue = None
 
 

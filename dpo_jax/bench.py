@@ -11,7 +11,9 @@ falls in the first epoch. Reported per side:
   output head, L layers, A = heads x head dim, p the token's position), times 3 for the policy's forward and
   backward, plus 1 for a live reference; recomputation (remat) is not counted as useful;
 - its fraction of the matrix-multiply peak that the same process measures first (a 4096 x 4096 float32
-  matmul through the side's own library: XLA, or torch for TRL);
+  matmul through the side's own library: XLA, or torch for TRL). Tokens/s and FLOP/s count the work each
+  side does (prompt sharing computes a prompt once where TRL computes it twice): pairs/s is the like-for-like
+  figure;
 - compiled shapes of the train step, backend compiles and their time, compiles after the first epoch (ours);
 - the reference precompute pass, when `--precompute_ref_log_probs true`;
 - peak resident memory (`ru_maxrss`) of the process.
@@ -39,7 +41,7 @@ from .errors import UserError
 
 RESULT = "DPO_JAX_BENCH_RESULT "
 # Options passed to TRL's DPOConfig as well (same names, same meanings).
-SHARED = ("learning_rate", "beta", "loss_type", "max_length", "per_device_train_batch_size",
+SHARED = ("learning_rate", "beta", "loss_type", "max_length", "per_device_train_batch_size", "max_steps",
           "gradient_accumulation_steps", "seed", "precompute_ref_log_probs", "lr_scheduler_type", "warmup_steps",
           "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing")
 # Always set for a measurement: no evaluation, logs or checkpoints, no caches from earlier runs.
@@ -93,7 +95,8 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
     import jax
     import numpy as np
 
-    from . import options
+    from . import losses, options
+    from .hf import load_config
     from .memory import dims
     from .trainer import Trainer
 
@@ -105,12 +108,10 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
     started = time.perf_counter()
     o = options.parse(option_args + ["--num_train_epochs", str(epochs)])
     trainer = Trainer(o)
-    from .hf import load_config
-
     config = load_config(o.run.model_name_or_path)
     d = dims(config)
     matmul, width = matmul_params(config), d["heads"] * (getattr(config, "head_dim", None) or d["hidden"] // d["heads"])
-    passes = 3 + (trainer.ref is not None and not o.loss.reference_free)
+    reference_pass = not (o.loss.reference_free or all(n in losses.REFERENCE_FREE for n, _ in o.loss.terms()))
     steps: list[dict] = []
 
     def on_step(step, batch, start, end):
@@ -118,7 +119,7 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
         steps.append({"step": step, "epoch": (step - 1) // trainer.batches.steps_per_epoch, "seconds": end - start,
                       "pairs": int(batch["pair_mask"].sum()), "tokens": int(real.sum()),
                       "flops": token_flops(batch["position_ids"][real].astype(np.float64), matmul, d["layers"], width,
-                                           passes),
+                                           3 + (reference_pass and "ref_logps" not in batch)),
                       "compiles": sum(1 for t, _ in compiles if start <= t <= end)})
     trainer.on_step = on_step
     trainer.train()
@@ -128,9 +129,9 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
             "compile_seconds": sum(s for _, s in compiles),
             "compiles_after_first_epoch": sum(s["compiles"] for s in steps if s["epoch"] > 0),
             "first_epoch_seconds": sum(s["seconds"] for s in first_epoch),
-            "precompute_seconds": trainer.timings.get("precompute"), "setup_seconds": None,
+            "precompute_seconds": trainer.timings.get("precompute"),
             "wall_seconds": time.perf_counter() - started, "peak_rss_gb": max_rss_gb(),
-            "pack_pairs": o.run.pack_pairs, "gradient_checkpointing": o.run.gradient_checkpointing,
+            "pack_pairs": trainer.o.run.pack_pairs, "gradient_checkpointing": trainer.o.run.gradient_checkpointing,
             "steps": steps}
 
 
@@ -199,11 +200,21 @@ def _prepare(option_args: list[str], work: Path, need_hf_model: bool) -> tuple[l
     rows.dataset.select_columns(columns).to_json(str(data), lines=True, force_ascii=False)
     shared = options.to_dict(o)
     flat = {k: v for section in shared.values() for k, v in section.items()}
+    if need_hf_model:
+        unlike = {"use_peft": o.lora.use_peft, "reference_free": o.loss.reference_free, "bf16": o.run.bf16,
+                  "max_prompt_length": o.data.max_prompt_length, "max_completion_length": o.data.max_completion_length,
+                  "truncation_mode keep_end": o.data.truncation_mode == "keep_end"}
+        unlike = [name for name, value in unlike.items() if value]
+        if unlike:
+            raise UserError(f"--vs trl runs both sides with the same settings, and TRL 1.16's DPOTrainer has no "
+                            f"equivalent of {', '.join(unlike)} here; drop them to compare")
     model = o.run.model_name_or_path
     if need_hf_model:
         model = str(_hf_directory(model, work))
     ours = option_args + ["--dataset_name", str(data), "--dataset_train_split", "train"]
-    return ours, {"model": model, "data": str(data), "options": {k: flat[k] for k in SHARED if k in flat},
+    shared = {k: flat[k] for k in SHARED if k in flat}
+    shared["precompute_ref_batch_size"] = o.run.per_device_eval_batch_size  # our precompute's batch
+    return ours, {"model": model, "data": str(data), "options": shared,
                   "pairs": len(rows.dataset)}
 
 
@@ -236,17 +247,18 @@ def table(results: list[dict]) -> str:
         r["utilisation"] = r["useful_gflops"] / r["matmul_peak_gflops"]
         if r.get("compiles") is not None:
             r["compile_summary"] = f"{r['compiles']} / {r['compile_seconds']:.1f}"
-    ours = next((r for r in results if r["side"] == "dpo-jax"), None)
     trl = next((r for r in results if r["side"] == "trl"), None)
-    head = "| | " + " | ".join(r["side"] for r in results) + (" | dpo-jax / TRL |" if ours and trl else " |")
-    lines = [head, "|" + "---|" * (len(results) + 1 + bool(ours and trl))]
+    ours = [r for r in results if r is not trl] if trl else []
+    head = "| | " + " | ".join(r["side"] for r in results) + " |" + "".join(
+        f" {r['side']} / TRL |" for r in ours)
+    lines = [head, "|" + "---|" * (len(results) + 1 + len(ours))]
     for label, key, form in rows:
         cells = [form.format(r[key]) if r.get(key) is not None else "-" for r in results]
-        ratio = ""
-        if ours and trl:
-            a, b = ours.get(key), trl.get(key)
-            ratio = f" {a / b:.2f}x |" if isinstance(a, float) and isinstance(b, float) and b else " |"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |" + ratio)
+        ratios = ""
+        for r in ours:
+            a, b = r.get(key), trl.get(key)
+            ratios += f" {a / b:.2f}x |" if isinstance(a, float) and isinstance(b, float) and b else " |"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |" + ratios)
     return "\n".join(lines)
 
 

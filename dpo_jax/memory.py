@@ -9,7 +9,8 @@ r rows (sequences) of T tokens (the longest bucket):
   (projections, norms, residuals, the MLP's gate, up and product);
 - with `gradient_checkpointing`: each layer keeps only its input (r x T x hidden); one layer's buffers above
   are live at a time, with one attention-score buffer; and the blocks' weights are stacked for the scan that
-  runs them (models/layers.py), the policy's and a live reference's (a copy of the parameters each);
+  runs them (models/layers.py: a copy of the parameters; a live reference's stack is freed before the
+  policy's backward pass);
 - the output head: 2 buffers r x C x vocab in float32 (a chunk's logits and their gradient), C the chunk;
 - the gradient (float32, like the trainable parameters; twice with gradient accumulation: the running sum)
   and one more copy for the optimizer's update.
@@ -112,8 +113,8 @@ def plan(config, mesh, *, per_device_batch: int, max_length: int, compute_dtype,
     scores = r * heads * t * t * 4
     layer = 3 * scores + r * t * (10 * d["hidden"] + 3 * inter) * c
     if gradient_checkpointing:  # block inputs, one block's activations, and the blocks' weights stacked for the scan
-        stacked = params * (2 if live_reference or lora_params is not None else 1)  # the reference's too
-        layers = d["layers"] * r * t * d["hidden"] * c + (layer - 2 * scores) + stacked
+        # (the reference's stack, when it has one, is gone before the policy's backward pass)
+        layers = d["layers"] * r * t * d["hidden"] * c + (layer - 2 * scores) + params
     else:
         layers = d["layers"] * layer
     chunk, _ = head_chunks(t, r * devices // tensor, d["vocab"])  # the step sizes chunks from its global shapes

@@ -23,7 +23,7 @@ from flax import nnx
 from .batching import BatchIterator, Pairs
 
 CACHE_ENV = "DPO_JAX_CACHE"  # default: ~/.cache/dpo_jax
-FORMAT = "ref-logps-v1"  # part of every key: change it when the log-prob computation changes
+FORMAT = "ref-logps-v2"  # part of every key: change it when the log-prob computation changes
 
 
 def default_cache_dir() -> Path:
@@ -56,11 +56,12 @@ def params_fingerprint(params) -> str:
     return h.hexdigest()
 
 
-def cache_key(ref_params: nnx.State, config, pairs: Pairs, compute_dtype) -> str:
+def cache_key(ref_params: nnx.State, config, pairs: Pairs, compute_dtype, layout: str = "pairs") -> str:
     """Hashes the weights, the model config (RoPE, norms, windows... change log-probs too), the tokenized and
-    truncated data (with BOS handling), the compute dtype and this computation's version."""
+    truncated data (with BOS handling), the compute dtype, the batch layout (its rounding differs) and this
+    computation's version."""
     h = hashlib.blake2b(digest_size=10)
-    h.update(repr((FORMAT, repr(config), pairs.bos, jnp.dtype(compute_dtype).name)).encode())
+    h.update(repr((FORMAT, repr(config), pairs.bos, jnp.dtype(compute_dtype).name, layout)).encode())
     return f"{params_fingerprint(ref_params)}-{pairs.fingerprint}-{h.hexdigest()}"
 
 
@@ -84,7 +85,7 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
         layout = "pairs"
     batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False,
                             process_index=jax.process_index(), process_count=jax.process_count(), layout=layout,
-                            row_multiple=max(1, devices // jax.process_count()), num_buckets=1)  # one pass: one shape
+                            row_multiple=max(1, devices // jax.process_count()), num_buckets=1)  # one length
     fn = functools.partial(_ref_logps, ref_graphdef, chunk=chunk)
     if mesh is None:
         step = jax.jit(fn)

@@ -22,7 +22,7 @@ from .errors import UserError
 from .hf import export_pretrained, from_pretrained, load_tokenizer
 from .options import Options
 from .sharding import make_mesh, parse_mesh
-from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, step_config
+from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, step_config, with_layout
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def evaluate(argv: list[str]) -> dict:
                  if k not in NOT_INHERITED}
     if given.get("dataset_name", inherited.get("dataset_name")) != inherited.get("dataset_name"):
         inherited = {k: v for k, v in inherited.items() if k not in DATASET_CHOICE}  # the run's split names
-    o = opts.from_dict({**inherited, **given})
+    o = with_layout(opts.from_dict({**inherited, **given}))
     mesh = make_mesh(**parse_mesh(o.run.mesh))
     dtype = compute_dtype(o)
     if trained:

@@ -66,6 +66,16 @@ def step_config(o: Options) -> S.StepConfig:
                         gradient_checkpointing=o.run.gradient_checkpointing, lora=o.lora.use_peft, seed=o.run.seed)
 
 
+def with_layout(o: Options) -> Options:
+    """`o` with a layout its truncation allows: keep_end can cut a pair's two prompts differently, so it needs
+    chosen and rejected in rows of their own (`pairs`)."""
+    if o.data.truncation_mode == "keep_end" and o.run.pack_pairs != "pairs":
+        log.warning("truncation_mode keep_end: pack_pairs %s needs keep_start; using pack_pairs pairs",
+                    o.run.pack_pairs)
+        return dataclasses.replace(o, run=dataclasses.replace(o.run, pack_pairs="pairs"))
+    return o
+
+
 def lora_targets(o: Options):
     """lora_target_modules as `apply_lora` takes it: None (PEFT's default), "all-linear", or names."""
     targets = o.lora.lora_target_modules
@@ -144,7 +154,7 @@ class Trainer:
         data = options.data
         if data.dataset_name and Path(data.dataset_name).exists():
             data = dataclasses.replace(data, dataset_name=str(Path(data.dataset_name).absolute()))
-        self.o = o = dataclasses.replace(options, run=dataclasses.replace(options.run, **local), data=data)
+        self.o = o = with_layout(dataclasses.replace(options, run=dataclasses.replace(options.run, **local), data=data))
         self.out = Path(o.run.output_dir)
         use_compilation_cache(o.run.compilation_cache_dir)
         self.main = jax.process_index() == 0
@@ -166,10 +176,13 @@ class Trainer:
             self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
             shuffle=False, layout=o.run.pack_pairs, row_multiple=batch_devices // jax.process_count(), **processes())
         self.dtype = compute_dtype(o)
+        length = max(self.batches.buckets + ((self.batches.row_cap,) if o.run.pack_pairs == "packed" else ()))
         if o.run.gradient_checkpointing is None:  # only where memory needs it: it costs a forward pass
-            fits = self.plan_memory(config, max(self.batches.buckets), gradient_checkpointing=False, quiet=True)
-            self.o = o = dataclasses.replace(o, run=dataclasses.replace(o.run, gradient_checkpointing=not fits))
-        self.plan_memory(config, max(self.batches.buckets))
+            (fits, off), (_, on) = (self.plan_memory(config, length, gradient_checkpointing=remat, quiet=True)
+                                    for remat in (False, True))
+            remat = not fits and on.total < off.total  # weights-bound runs gain nothing from it (stacked copy)
+            self.o = o = dataclasses.replace(o, run=dataclasses.replace(o.run, gradient_checkpointing=remat))
+        self.plan_memory(config, length)
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
         for pairs in filter(None, (self.train_pairs, self.eval_pairs)):
@@ -193,7 +206,7 @@ class Trainer:
 
     def plan_memory(self, config, length: int, gradient_checkpointing: bool | None = None, quiet: bool = False):
         """Print the per-device memory plan and refuse a run that will not fit, before loading any weight. With
-        `quiet`: only whether it fits with room to spare (a fifth of the device), for choosing remat."""
+        `quiet`: only (whether it fits with room to spare, a fifth of the device; the plan), for choosing remat."""
         o = self.o
         remat = o.run.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         lora_params = (memory.lora_param_count(config, o.lora.lora_r, lora_targets(o) or lora.default_targets(config))
@@ -205,7 +218,7 @@ class Trainer:
                            rows_per_pair=2 if o.run.pack_pairs == "pairs" else 1)
         limit, source = memory.device_memory(o.run.memory_limit_gb)
         if quiet:
-            return limit is None or plan.total <= 0.8 * limit
+            return limit is None or plan.total <= 0.8 * limit, plan
         if self.main:
             print(plan.table(limit, source), flush=True)
         memory.check(plan, limit, lora=o.lora.use_peft, gradient_checkpointing=o.run.gradient_checkpointing,
@@ -234,7 +247,7 @@ class Trainer:
         dirs = [self.out / "ref_logps", reference.default_cache_dir()]
         for pairs, batches in ((self.train_pairs, self.batches), (self.eval_pairs, self.eval_batches)):
             if pairs:
-                key = reference.cache_key(ref, ref_config, pairs, self.dtype)
+                key = reference.cache_key(ref, ref_config, pairs, self.dtype, self.o.run.pack_pairs)
                 batches.ref_logps = reference.precompute(ref_graphdef, ref, pairs, batch_size=batch, pad_token_id=pad,
                                                          cache_dirs=dirs, key=key, mesh=self.mesh,
                                                          layout=self.o.run.pack_pairs)

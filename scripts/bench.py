@@ -2,11 +2,13 @@
 
     python scripts/bench.py [--write BENCHMARKS.md] [any dpo-jax bench / train option]
 
-Four measurements on the same pairs (default: SmolLM2-135M-Instruct, float32, the first 32 sample pairs,
-4 pairs per step, two epochs with the second one measured), each in its own processes:
-live reference and precomputed reference, each at dpo-jax's defaults with TRL beside it, and again with
-prefix sharing and packing off (`--pack_pairs pairs`: the tokens TRL computes). The table, the targets and
-the machine description replace the text between the `bench:begin` and `bench:end` markers.
+Measured on the same pairs (default: SmolLM2-135M-Instruct, float32, the first 32 sample pairs, 4 pairs per
+step, two epochs with the second measured), each side in its own process:
+- live and precomputed reference, each at dpo-jax's defaults with TRL beside it, and again with prefix
+  sharing and packing off (`--pack_pairs pairs`: the tokens TRL computes);
+- dpo-jax's pairs/s on 1,000 and 100,000 pairs (the sample repeated), 12 steps each: the cost of a step must
+  not grow with the dataset.
+The tables and the machine description replace the text between the `bench:begin` and `bench:end` markers.
 """
 
 from __future__ import annotations
@@ -18,20 +20,29 @@ import platform
 import tempfile
 from pathlib import Path
 
+from bench_data import write_pairs
+
 from dpo_jax import bench
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-MODES = (("live reference", []), ("precomputed reference", ["--precompute_ref_log_probs", "true"]))
+MODES = (("Live reference", []), ("Precomputed reference", ["--precompute_ref_log_probs", "true"]))
 
 
 def machine() -> str:
+    import importlib.metadata as md
+
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     memory = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 2**20
-    import importlib.metadata as md
-
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("jax", "flax", "optax", "torch", "transformers", "trl"))
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, no accelerator; Python {platform.python_version()}; {versions}"
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, no accelerator; Python "
+            f"{platform.python_version()}; {versions}")
+
+
+def run(work: Path, name: str, args: list[str]) -> list[dict]:
+    out = work / f"{name}.json"
+    bench.main([*args, "--output_json", str(out), "--work_dir", str(work / name)])
+    return json.loads(out.read_text())["results"]
 
 
 def main() -> None:
@@ -40,28 +51,26 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     work = Path(tempfile.mkdtemp(prefix="dpo_jax_bench_all_"))
     sections = []
-    for mode, flags in MODES:
-        out_default, out_plain = work / f"{len(sections)}_default.json", work / f"{len(sections)}_plain.json"
-        bench.main(["--vs", "trl", "--output_json", str(out_default), "--work_dir", str(work / f"{mode}_default"),
-                    *flags, *extra])
-        bench.main(["--pack_pairs", "pairs", "--output_json", str(out_plain), "--work_dir",
-                    str(work / f"{mode}_plain"), *flags, *extra])
-        default = json.loads(out_default.read_text())["results"]
-        plain = json.loads(out_plain.read_text())["results"][0]
-        plain["side"] = "dpo-jax, pack_pairs pairs"
-        ours, trl = default
-        results = [ours, {**plain}, trl]
-        text = bench.table([ours, trl]).splitlines()
-        plain_ratio = plain["pairs_per_second"] / trl["pairs_per_second"]
-        sections.append(f"### {mode}\n\n" + "\n".join(text) + "\n\n" + (
-            f"With prefix sharing and packing off (`--pack_pairs pairs`): {plain['pairs_per_second']:.3f} pairs/s "
-            f"({plain_ratio:.2f}x TRL), {plain['tokens_per_second']:.1f} tokens/s, peak RSS "
-            f"{plain['peak_rss_gb']:.2f} GB ({plain['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x TRL), "
-            f"{plain['step_shapes']} step shapes, {plain['compile_seconds']:.0f} s compiling.") )
-        del results
-    text = (f"{BEGIN}\nMachine: {machine()}.\n\nCommand: `python scripts/bench.py --write BENCHMARKS.md "
-            f"{' '.join(extra)}`".rstrip() + "`\n\n" + "\n\n".join(sections) + f"\n{END}")
-    text = text.replace("` `", "`").replace("``", "`")
+    for i, (mode, flags) in enumerate(MODES):
+        ours, trl = run(work, f"{i}_default", ["--vs", "trl", *flags, *extra])
+        plain = run(work, f"{i}_plain", ["--pack_pairs", "pairs", *flags, *extra])[0]
+        plain["side"] = "dpo-jax, `--pack_pairs pairs`"
+        sections.append(f"### {mode}\n\n{bench.table([ours, plain, trl])}")
+    rows = []
+    for n in (1_000, 100_000):
+        data = work / f"pairs_{n}.jsonl"
+        write_pairs(str(data), n)
+        result = run(work, f"scale_{n}", ["--dataset_name", str(data), "--dataset_train_split", "train",
+                                           "--bench_steps", "12", *extra])[0]
+        rows.append(f"| {n:,} | {result['pairs_per_second']:.3f} | {result['step_seconds_median']:.2f} | "
+                    f"{result['measured_steps']} | {result['wall_seconds']:.0f} |")
+    sections.append("### Cost per pair from 1k to 100k pairs (dpo-jax, live reference, 12 steps)\n\n"
+                    "| pairs in the dataset | pairs/s | median step (s) | steps measured | wall time incl. "
+                    "tokenizing (s) |\n|---|---|---|---|---|\n" + "\n".join(rows))
+    command = " ".join(["python scripts/bench.py --write BENCHMARKS.md", *extra])
+    text = (f"{BEGIN}\nMachine: {machine()}.\n\nRegenerate with `{command}` (about 25 minutes). Ratios are "
+            f"dpo-jax / TRL; TRL runs with `bf16=False` and `gradient_checkpointing=False`, its fastest float32 "
+            f"setting.\n\n" + "\n\n".join(sections) + f"\n{END}")
     print(text)
     if args.write:
         path = Path(args.write)

@@ -16,6 +16,24 @@ import tempfile
 import time
 
 
+def write_pairs(path: str, n: int, fmt: str = "standard") -> None:
+    """The bundled sample pairs repeated to `n` (each prompt numbered, so none is identical), as jsonl."""
+    from dpo_jax.data import SAMPLE_DIR
+
+    sample = [json.loads(line) for line in open(SAMPLE_DIR / "train.jsonl")]
+    with open(path, "w") as f:
+        for i in range(n):
+            r = sample[i % len(sample)]
+            prompt = f"{r['prompt']} ({i})"
+            if fmt == "conversational":
+                row = {"prompt": [{"role": "user", "content": prompt}],
+                       "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                       "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            else:
+                row = {"prompt": prompt, "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=100_000)
@@ -32,21 +50,8 @@ def main() -> None:
     from dpo_jax.batching import BatchIterator, load_pairs
     from dpo_jax.cli import smollm2_path
     from dpo_jax.config import DataConfig
-    from dpo_jax.data import SAMPLE_DIR
-
-    sample = [json.loads(line) for line in open(SAMPLE_DIR / "train.jsonl")]
     path = os.path.join(work, "pairs.jsonl")
-    with open(path, "w") as f:
-        for i in range(args.pairs):
-            r = sample[i % len(sample)]
-            prompt = f"{r['prompt']} ({i})"
-            if args.format == "conversational":
-                row = {"prompt": [{"role": "user", "content": prompt}],
-                       "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                       "rejected": [{"role": "assistant", "content": r["rejected"]}]}
-            else:
-                row = {"prompt": prompt, "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
-            f.write(json.dumps(row) + "\n")
+    write_pairs(path, args.pairs, args.format)
     tokenizer = load_tokenizer(args.model_name_or_path or smollm2_path())
     cfg = DataConfig(dataset_name=path, max_length=args.max_length, dataset_num_proc=args.num_proc)
 

@@ -88,3 +88,13 @@ def test_run_options_are_checked():
         with pytest.raises(UserError, match="must be"):
             options.parse(bad)
     assert options.parse(["--num_train_epochs", "0", "--max_steps", "5"]).run.max_steps == 5
+
+
+def test_keep_end_falls_back_to_the_pairs_layout(caplog):
+    """Prefix sharing needs both prompts cut alike (keep_start); keep_end gets chosen and rejected rows of their
+    own, with a warning, instead of an error for the default layout."""
+    from dpo_jax.trainer import with_layout
+
+    assert with_layout(options.parse([])).run.pack_pairs == "packed"
+    o = with_layout(options.parse(["--truncation_mode", "keep_end"]))
+    assert o.run.pack_pairs == "pairs" and "keep_end" in caplog.text

@@ -142,6 +142,7 @@ def matmul_params(config) -> int:
 
     from flax import nnx
 
+    from .memory import dims
     from .models import family
 
     model = nnx.eval_shape(lambda: family(config.model_type).Model(config, rngs=nnx.Rngs(0)))
@@ -152,13 +153,7 @@ def matmul_params(config) -> int:
         total += n
         tables += n if path[-1] == "embedding" else 0
         head = head or "lm_head" in path
-    return total - tables + (0 if head else config.vocab_size * dims_hidden(config))
-
-
-def dims_hidden(config) -> int:
-    from .memory import dims
-
-    return dims(config)["hidden"]
+    return total - tables + (0 if head else config.vocab_size * dims(config)["hidden"])
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -178,12 +173,6 @@ def _child(side: str, spec: dict, log: Path) -> dict:
         raise UserError(f"the {side} benchmark failed (exit {done.returncode}); its log is {log}:\n{tail}")
     result = json.loads(lines[-1][len(RESULT):])
     return {**result, **summarize(result["steps"], spec["epochs"])}
-
-
-def _option_values(option_args: list[str]):
-    from . import options
-
-    return options.parse(option_args)
 
 
 def _prepare(option_args: list[str], work: Path, need_hf_model: bool) -> tuple[list[str], dict]:

@@ -12,19 +12,20 @@ import sys
 from .errors import UserError
 from .assets import smollm2_path
 
-def _demo(args) -> None:
-    from . import from_pretrained, load_tokenizer
-    from .generate import greedy_generate
+def _demo(args) -> int:
+    from .demo import main
 
-    path = args.model_name_or_path or smollm2_path()
-    print(f"loading {path}", flush=True)
-    tokenizer, model = load_tokenizer(path), from_pretrained(path)
-    messages = [{"role": "user", "content": args.prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    answer = greedy_generate(model, ids, args.max_new_tokens, tokenizer.eos_token_id)
-    print(f"user: {args.prompt}\nassistant: {tokenizer.decode(answer, skip_special_tokens=True)}")
-    print("(DPO training is not built yet: this demo only loads the model and answers greedily.)")
+    return main(args.options)
+
+
+def _generate(args) -> None:
+    from .generate import generate_text, load_for_generation
+
+    model, tokenizer = load_for_generation(args.model_name_or_path)
+    answers = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for prompt, answer in zip(args.prompt, answers):
+        print(f"prompt: {prompt}\n{answer}\n" if len(args.prompt) > 1 else answer)
 
 
 def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
@@ -100,11 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpo-jax {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="load SmolLM2-135M-Instruct (or a given model) and answer a prompt")
-    demo.add_argument("--model_name_or_path", help="model directory, repo id or .gguf (default: SmolLM2)")
-    demo.add_argument("--prompt", default="What is the capital of France?")
-    demo.add_argument("--max_new_tokens", type=int, default=24)
+    demo = sub.add_parser("demo", add_help=False,
+                          help="train SmolLM2-135M-Instruct with DPO on the sample data and show what changed; "
+                               "--help for more")
     demo.set_defaults(run=_demo)
+    gen = sub.add_parser("generate", help="continue prompts with a model, a dpo-jax run or a checkpoint (KV cache)")
+    gen.add_argument("--model_name_or_path", default="builtin:smollm2",
+                     help="model directory, repo id, .gguf, or a dpo-jax run / checkpoint (default: builtin:smollm2)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several (one batch)")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user turn of the chat template")
+    gen.add_argument("--max_new_tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--top_p", type=float, default=1.0,
+                     help="sample only from the smallest set of tokens whose probability reaches top_p")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=_generate)
 
     from .config import DataConfig
 
@@ -186,7 +197,7 @@ def _bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command not in ("train", "evaluate", "bench") and rest:
+    if args.command not in ("train", "evaluate", "bench", "demo") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.options = rest
     try:

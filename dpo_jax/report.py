@@ -158,7 +158,8 @@ def summary(*, final: dict, train: dict, steps: int, tokens: int, seconds: float
                                                   (f"eval_{s}" for s in shown) if k in final))
     lines.append(f"  written to {out}:")
     lines += [f"    {w}" for w in written]
-    lines.append(f"  export: dpo-jax export --checkpoint {out} --output_dir {out / 'hf'}")
+    if "checkpoints/" in written:  # save_strategy no leaves nothing to export
+        lines.append(f"  export: dpo-jax export --checkpoint {out} --output_dir {out / 'hf'}")
     return "\n".join(lines)
 
 

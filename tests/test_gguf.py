@@ -10,7 +10,7 @@ import transformers
 
 import dpo_jax
 from dpo_jax.cli import smollm2_path
-from dpo_jax.generate import greedy_generate
+from dpo_jax.generate import generate
 
 pytestmark = pytest.mark.slow
 
@@ -76,12 +76,18 @@ def test_logits_match_transformers(models, tokenizers):
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
 
 
-def test_greedy_answer_is_paris_and_matches_transformers(models, tokenizers):
+def test_greedy_answers_match_transformers(models, tokenizers):
+    """Two chat prompts of different lengths in one batch (left-padded, KV cache): the first answer names
+    Paris, and both equal transformers' greedy `generate` token for token."""
     ours, ref = models
     tok, _ = tokenizers
-    prompt = _ids(tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True))
-    new = greedy_generate(ours, prompt, 12, tok.eos_token_id)
-    assert "Paris" in tok.decode(new, skip_special_tokens=True)
-    with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=len(new), do_sample=False)[0, len(prompt):]
-    assert new == expected.tolist()
+    questions = [QUESTION, [{"role": "user", "content": "Name three colours of the rainbow, in one short sentence."}]]
+    prompts = [_ids(tok.apply_chat_template(q, add_generation_prompt=True, tokenize=True)) for q in questions]
+    new = generate(ours, prompts, 24, eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(new[0], skip_special_tokens=True)
+    for prompt, got in zip(prompts, new):
+        with torch.no_grad():
+            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
+        assert got == expected.tolist()
+
+

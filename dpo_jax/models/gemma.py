@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import CheckpointError
-from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq, run_blocks
+from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
+                     run_blocks)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -82,7 +83,7 @@ class DecoderLayer(nnx.Module):
         self.self_attn = SelfAttention(
             hidden=d, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, qkv_bias=False,
             o_bias=False, qk_norm=cfg.qk_norm, norm_eps=eps, norm_offset=1.0, scale=cfg.query_scale,
-            softcap=cfg.attn_logit_softcapping, inv_freq=cfg.inv_freqs[layer], window=cfg.sliding_windows[layer],
+            softcap=cfg.attn_logit_softcapping, inv_freq=cfg.inv_freqs[layer], window=cfg.sliding_windows[layer], layer=layer,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Gemma 1 uses this as the pre-MLP norm (as Llama); Gemma 2/3 apply it to the attention output.
         self.post_attention_layernorm = RMSNorm(d, eps, **norm)
@@ -93,8 +94,8 @@ class DecoderLayer(nnx.Module):
                             param_dtype=param_dtype, rngs=rngs)
         self.sandwich_norms = cfg.sandwich_norms
 
-    def __call__(self, x_BxTxD, mask_BxTxT, positions_BxT):
-        attn = self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxT, positions_BxT)
+    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, cache=None):
+        attn = self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxS, positions_BxT, cache)
         if not self.sandwich_norms:
             x_BxTxD = x_BxTxD + attn
             return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
@@ -116,18 +117,18 @@ class GemmaForCausalLM(nnx.Module):
                         else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
 
     def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions))
+                 positions: jax.Array | None = None, cache: KVCache | None = None) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions, cache))
 
-    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None) -> jax.Array:
+    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None) -> jax.Array:
         b, t = input_ids_BxT.shape
-        if positions is None:
-            positions = default_positions(attention_mask, b, t)
-        mask_BxTxT = build_mask(attention_mask, b, t)
+        mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.embed_tokens(input_ids_BxT)
         # transformers rounds the scale to the embedding's dtype before multiplying.
         x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
-        x = run_blocks(self.layers, x, mask_BxTxT, positions, remat=self.remat)
+        x = run_blocks(self.layers, x, mask, positions, cache, remat=self.remat and cache is None)
+        if cache is not None:
+            cache.advance(t)
         return self.norm(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Embed, LayerNorm, Linear, activation, attention, build_mask, default_positions, run_blocks
+from .layers import Embed, KVCache, LayerNorm, Linear, activation, attention, mask_and_positions, run_blocks
 
 MODEL_TYPES = ("gpt2",)
 
@@ -53,12 +53,15 @@ class Attention(nnx.Module):
         head_dim = cfg.n_embd // cfg.n_head
         scale = head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
+        self.layer = layer  # its slot in a KVCache
 
-    def __call__(self, x_BxTxD, mask_BxTxT):
+    def __call__(self, x_BxTxD, mask_BxTxS, cache=None):
         b, t, d = x_BxTxD.shape
         q, k, v = jnp.split(self.c_attn(x_BxTxD), 3, axis=-1)
         q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
-        return self.c_proj(attention(q, k, v, mask_BxTxT, scale=self.scale).reshape(b, t, d))
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)
+        return self.c_proj(attention(q, k, v, mask_BxTxS, scale=self.scale).reshape(b, t, d))
 
 
 class MLP(nnx.Module):
@@ -80,8 +83,8 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x_BxTxD, mask_BxTxT):
-        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask_BxTxT)
+    def __call__(self, x_BxTxD, mask_BxTxS, cache=None):
+        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask_BxTxS, cache)
         return x_BxTxD + self.mlp(self.ln_2(x_BxTxD))
 
 
@@ -100,16 +103,16 @@ class GPT2LMHeadModel(nnx.Module):
                         else Linear(cfg.n_embd, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
 
     def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions))
+                 positions: jax.Array | None = None, cache: KVCache | None = None) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions, cache))
 
-    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None) -> jax.Array:
+    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None) -> jax.Array:
         b, t = input_ids_BxT.shape
-        if positions is None:
-            positions = default_positions(attention_mask, b, t)
-        mask_BxTxT = build_mask(attention_mask, b, t)
+        mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.wte(input_ids_BxT) + self.wpe(positions)
-        x = run_blocks(self.h, x, mask_BxTxT, remat=self.remat)
+        x = run_blocks(self.h, x, mask, cache, remat=self.remat and cache is None)
+        if cache is not None:
+            cache.advance(t)
         return self.ln_f(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -214,12 +214,80 @@ def build_mask(attention_mask: jax.Array | None, batch: int, length: int) -> jax
     return causal_TxT[None] & attention_mask.astype(bool)[:, None, :]
 
 
-def sliding_window_mask(mask_BxTxS: jax.Array, positions_BxT: jax.Array, window: int | None) -> jax.Array:
-    """Restrict attention to keys less than `window` positions back (key > query - window), as transformers."""
+def mask_and_positions(attention_mask: jax.Array | None, positions: jax.Array | None, batch: int, length: int,
+                       cache: "KVCache | None" = None) -> tuple[jax.Array, jax.Array]:
+    """A forward's attention mask and positions (see build_mask and default_positions). With a cache, the
+    mask covers the cache's slots and `attention_mask` can only be a [B, T] padding mask; give `positions`
+    for tokens after the prompt."""
+    if positions is None:
+        positions = default_positions(attention_mask, batch, length)
+    if cache is not None:
+        return cache.extend(positions, attention_mask), positions
+    return build_mask(attention_mask, batch, length), positions
+
+
+def sliding_window_mask(mask_BxTxS: jax.Array, positions_BxT: jax.Array, window: int | None,
+                        key_positions_BxS: jax.Array | None = None) -> jax.Array:
+    """Restrict attention to keys less than `window` positions back (key > query - window), as transformers.
+    The keys' positions are the queries' unless given (a KV cache's)."""
     if window is None:
         return mask_BxTxS
-    distance = positions_BxT[:, :, None] - positions_BxT[:, None, :]
+    keys = positions_BxT if key_positions_BxS is None else key_positions_BxS
+    distance = positions_BxT[:, :, None] - keys[:, None, :]
     return mask_BxTxS & (distance < window)
+
+
+@jax.tree_util.register_pytree_node_class
+class KVCache:
+    """Every attention layer's keys and values for generation, in `length` slots per row.
+
+    A model called with a cache runs its new tokens in the next free slots: `extend` records their positions
+    and gives their attention mask (a key is visible when it is a real token in an earlier or the same slot),
+    each attention layer `write`s its keys and values and attends over all slots, and `advance` moves the
+    free slot on. Left-padded prompts keep their padding slots as invisible keys. A pytree, so it can be the
+    carry of a `lax.while_loop`; its methods update it in place while tracing.
+    """
+
+    def __init__(self, keys, values, key_positions_BxL, key_valid_BxL, index):
+        self.keys, self.values = dict(keys), dict(values)  # layer -> [B, L, K, E], from its first write
+        self.key_positions, self.key_valid, self.index = key_positions_BxL, key_valid_BxL, index
+
+    @classmethod
+    def empty(cls, batch: int, length: int) -> "KVCache":
+        return cls({}, {}, jnp.zeros((batch, length), jnp.int32),
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+    def tree_flatten(self):
+        return (self.keys, self.values, self.key_positions, self.key_valid, self.index), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+    def extend(self, positions_BxT: jax.Array, valid_BxT: jax.Array | None) -> jax.Array:
+        """Record the new tokens' positions; their [B, T, L] mask (True = may attend)."""
+        b, t = positions_BxT.shape
+        valid = jnp.ones((b, t), bool) if valid_BxT is None else valid_BxT.astype(bool)
+        start = (0, self.index)
+        self.key_positions = jax.lax.dynamic_update_slice(self.key_positions, positions_BxT.astype(jnp.int32), start)
+        self.key_valid = jax.lax.dynamic_update_slice(self.key_valid, valid, start)
+        slots = jnp.arange(self.key_valid.shape[1])
+        earlier = slots[None, :] <= (self.index + jnp.arange(t))[:, None]
+        return self.key_valid[:, None, :] & earlier[None]
+
+    def write(self, layer: int, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Store layer `layer`'s new keys and values; all of its keys and values [B, L, K, E]."""
+        if layer not in self.keys:
+            b, _, heads, dim = k_BxTxKxE.shape
+            self.keys[layer] = jnp.zeros((b, self.key_valid.shape[1], heads, dim), k_BxTxKxE.dtype)
+            self.values[layer] = jnp.zeros((b, self.key_valid.shape[1], heads, dim), v_BxTxKxE.dtype)
+        start = (0, self.index, 0, 0)
+        self.keys[layer] = jax.lax.dynamic_update_slice(self.keys[layer], k_BxTxKxE, start)
+        self.values[layer] = jax.lax.dynamic_update_slice(self.values[layer], v_BxTxKxE, start)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, tokens: int) -> None:
+        self.index = self.index + tokens
 
 
 def attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mask_BxTxS: jax.Array, *,
@@ -247,7 +315,8 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
                  qk_norm: bool, norm_eps: float, norm_offset: float, scale: float, softcap: float | None,
-                 inv_freq: tuple[float, ...], window: int | None, dtype, param_dtype, rngs: nnx.Rngs):
+                 inv_freq: tuple[float, ...], window: int | None, layer: int, dtype, param_dtype,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(hidden, heads * head_dim, ("embed", "q_heads"), bias=qkv_bias, **kw)
         self.k_proj = Linear(hidden, kv_heads * head_dim, ("embed", "kv_heads"), bias=qkv_bias, **kw)
@@ -258,8 +327,10 @@ class SelfAttention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps, **norm) if qk_norm else None
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scale, self.softcap, self.inv_freq, self.window = scale, softcap, inv_freq, window
+        self.layer = layer  # its slot in a KVCache
 
-    def __call__(self, x_BxTxD: jax.Array, mask_BxTxT: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array, positions_BxT: jax.Array,
+                 cache: KVCache | None = None) -> jax.Array:
         b, t, _ = x_BxTxD.shape
         q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
@@ -268,7 +339,11 @@ class SelfAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_BxT, self.inv_freq)
         k = apply_rope(k, positions_BxT, self.inv_freq)
-        mask = sliding_window_mask(mask_BxTxT, positions_BxT, self.window)
+        key_positions = None
+        if cache is not None:  # attend over every cached key: S = the cache's length
+            k, v = cache.write(self.layer, k, v)
+            key_positions = cache.key_positions
+        mask = sliding_window_mask(mask_BxTxS, positions_BxT, self.window, key_positions)
         out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
 

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention, build_mask, default_positions, rope_inv_freq, run_blocks
+from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
+                     run_blocks)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -80,13 +81,13 @@ class DecoderLayer(nnx.Module):
             hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.rms_norm_eps,
             norm_offset=0.0, scale=cfg.head_dim ** -0.5, softcap=None, inv_freq=cfg.inv_freq,
-            window=cfg.sliding_windows[layer], dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            window=cfg.sliding_windows[layer], layer=layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=cfg.mlp_bias,
                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD, mask_BxTxT, positions_BxT):
-        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxT, positions_BxT)
+    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, cache=None):
+        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxS, positions_BxT, cache)
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
 
@@ -109,17 +110,17 @@ class LlamaForCausalLM(nnx.Module):
                         else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
 
     def __call__(self, input_ids_BxT: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions))
+                 positions: jax.Array | None = None, cache: KVCache | None = None) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions, cache))
 
-    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None) -> jax.Array:
+    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None) -> jax.Array:
         """The final-norm hidden states [B, T, D], before the output head."""
         b, t = input_ids_BxT.shape
-        if positions is None:
-            positions = default_positions(attention_mask, b, t)
-        mask_BxTxT = build_mask(attention_mask, b, t)
+        mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.embed_tokens(input_ids_BxT)
-        x = run_blocks(self.layers, x, mask_BxTxT, positions, remat=self.remat)
+        x = run_blocks(self.layers, x, mask, positions, cache, remat=self.remat and cache is None)
+        if cache is not None:
+            cache.advance(t)
         return self.norm(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -1,0 +1,103 @@
+"""The KV-cache sampler against transformers' `generate` on the same weights, for every architecture."""
+
+import numpy as np
+import pytest
+import torch
+
+import dpo_jax
+from dpo_jax.errors import UserError
+from dpo_jax.generate import PROMPT_MULTIPLE, generate
+from tiny_models import CONFIGS, make_model
+
+NEW = 12
+
+
+def _prompts(lengths, seed=1):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, 128, size=n).tolist() for n in lengths]
+
+
+def _transformers_greedy(model, prompt, new=NEW):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_greedy_matches_transformers(name, tmp_path):
+    """Prompts of different lengths in one batch (left padding), generating past the sliding windows (5
+    tokens): token for token transformers' greedy output. A prompt longer than a length bucket: every token
+    is the argmax of transformers' forward over the prompt and the tokens before it. (transformers' own
+    `generate` departs from its forward there for the sliding-window models, Mistral and Gemma 3.)"""
+    ref = make_model(name)
+    ref.save_pretrained(tmp_path)
+    model = dpo_jax.from_pretrained(str(tmp_path))
+    prompts = _prompts((5, 9, 3))
+    assert generate(model, prompts, NEW) == [_transformers_greedy(ref, p) for p in prompts]
+    if name != "gpt2":  # its table has 32 positions
+        long = _prompts((PROMPT_MULTIPLE + 1,))[0]
+        new = generate(model, [long], NEW)[0]
+        with torch.no_grad():
+            logits = ref(torch.tensor([long + new])).logits[0].numpy()
+        assert new == logits[len(long) - 1:-1].argmax(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    ref = make_model("llama")
+    ref.save_pretrained(path)
+    return dpo_jax.from_pretrained(str(path)), ref
+
+
+def test_stops_at_end_of_sequence_per_row(llama):
+    model, _ = llama
+    prompts = _prompts((5, 9))
+    full = generate(model, prompts, NEW)
+    eos = full[0][4]
+    first = full[0].index(eos)
+    got = generate(model, prompts, NEW, eos_token_ids=(eos,), pad_token_id=0)
+    assert got[0] == full[0][: first + 1]
+    cut = full[1].index(eos) + 1 if eos in full[1] else NEW
+    assert got[1] == full[1][:cut]
+
+
+def test_sampling_follows_the_tempered_distribution(llama):
+    """First sampled tokens of one prompt repeated 4000 times, against softmax(logits / T) from transformers."""
+    model, ref = llama
+    prompt = _prompts((6,))[0]
+    temperature = 1.5
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt])).logits[0, -1].double().numpy()
+    probs = np.exp((logits - logits.max()) / temperature)
+    probs /= probs.sum()
+    n = 4000
+    first = np.array([t[0] for t in generate(model, [prompt] * n, 1, temperature=temperature, seed=3)])
+    counts = np.bincount(first, minlength=probs.size)
+    # every token within 4 standard deviations of its expected count
+    assert np.all(np.abs(counts - n * probs) <= 4 * np.sqrt(n * probs * (1 - probs)) + 1)
+    again = np.array([t[0] for t in generate(model, [prompt] * n, 1, temperature=temperature, seed=3)])
+    assert np.array_equal(first, again)  # a seed gives the same samples
+
+
+def test_top_p_keeps_the_smallest_nucleus(llama):
+    model, ref = llama
+    prompt = _prompts((6,))[0]
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt])).logits[0, -1].double().numpy()
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = set(order[: np.searchsorted(np.cumsum(probs[order]), 0.5) + 1].tolist())
+    first = {t[0] for t in generate(model, [prompt] * 500, 1, temperature=1.0, top_p=0.5, seed=0)}
+    assert first == nucleus
+    # a tiny nucleus is the most likely token alone: greedy
+    assert generate(model, [prompt], NEW, temperature=1.0, top_p=1e-6) == generate(model, [prompt], NEW)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0)])
+def test_bad_settings_are_clear_errors(llama, kwargs):
+    model, _ = llama
+    with pytest.raises(UserError):
+        generate(model, _prompts((4,)), **{"max_new_tokens": 4, **kwargs})

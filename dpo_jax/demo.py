@@ -34,8 +34,8 @@ from .trainer import Trainer
 
 DEMO_OPTIONS = {
     "model_name_or_path": "builtin:smollm2", "dataset_name": "builtin:sample", "output_dir": "runs/demo",
-    "learning_rate": 2e-5, "max_steps": 64, "per_device_train_batch_size": 4, "beta": 0.1,
-    "eval_steps": 32, "logging_steps": 4, "save_strategy": "no", "report_to": "none",
+    "learning_rate": 3e-5, "max_steps": 48, "per_device_train_batch_size": 4, "beta": 0.1,
+    "eval_steps": 24, "eval_on_start": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
 }
 SMOKE_OPTIONS = {"max_steps": 2, "dataset_test_split": "test[:8]", "eval_steps": 100, "logging_steps": 1}
 PROMPTS = {"direct": 3, "fact": 1, "refusal": 1}  # held-out prompts per category, in the test split's order
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         return 0
-    values = {**DEMO_OPTIONS, **(SMOKE_OPTIONS if smoke else {}), **opts.parse_values(argv)}
+    values = {**DEMO_OPTIONS, **(SMOKE_OPTIONS if smoke else {}), **opts.parse_values(argv), "eval_on_start": True}
     o = opts.from_dict(values)
     out = Path(o.run.output_dir)
     print(f"dpo-jax demo: DPO on {o.run.model_name_or_path} with {o.data.dataset_name}, "
@@ -91,12 +91,11 @@ def main(argv: list[str]) -> int:
     new_tokens = SMOKE_NEW_TOKENS if smoke else MAX_NEW_TOKENS
     texts = [p for _, p in prompts]
 
-    print("held-out evaluation before training ...", flush=True)
-    before = trainer.evaluate()
     print("answers before training ...", flush=True)
     answers_before = generate_text(policy(trainer), trainer.tokenizer, texts, max_new_tokens=new_tokens)
 
-    after = trainer.train()
+    after = trainer.train()  # evaluates before its first step too (eval_on_start)
+    before = trainer.first_eval
     if not trainer.finished:
         print("dpo-jax demo: training was stopped before the end; nothing exported", file=sys.stderr)
         return 128 + (trainer.stopped_by or 0)
@@ -172,8 +171,9 @@ def render_report(o, trainer: Trainer, metrics: str, answers: str, seconds: floa
         "",
         "## Held-out preference metrics",
         "",
-        "Before training the policy is the reference, so every reward is 0 up to float rounding, and the accuracy "
-        "(a reward tie is not a correct pair, as in TRL) is about chance.",
+        "Before training the policy is the reference, so every reward is 0 (up to float rounding) and the accuracy, "
+        "which counts a tie as wrong as TRL does, is 0 or a coin toss on rounding noise: the model has no "
+        "preference yet.",
         "",
         metrics,
         "",

@@ -35,6 +35,10 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError(f"temperature must be >= 0 and top_p in (0, 1], not {temperature} and {top_p}")
+    limit = getattr(model.config, "n_positions", None)  # GPT-2's learned position table
+    if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
+        raise UserError(f"the longest prompt ({max(len(p) for p in prompts)} tokens) plus max_new_tokens "
+                        f"({max_new_tokens}) exceeds the model's {limit} positions; shorten one of them")
     length = -(-max(len(p) for p in prompts) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
     ids = np.full((len(prompts), length), pad_token_id, np.int32)
     valid = np.zeros((len(prompts), length), bool)

@@ -45,6 +45,7 @@ class RunConfig:
     max_steps: int = -1  # > 0 overrides num_train_epochs
     logging_steps: int = 10  # write train metrics every this many steps
     eval_steps: int | None = None  # default: logging_steps
+    eval_on_start: bool = False  # evaluate before the first step too, logged at step 0 (as TRL)
     save_steps: int = 500  # checkpoint every this many steps (and at the end)
     save_total_limit: int | None = None  # keep only the newest this many checkpoints; None: all
     save_strategy: str = "steps"  # steps (every save_steps and at the end) or no (no checkpoints; as TRL)

@@ -322,6 +322,10 @@ class Trainer:
         eval_every = self.o.run.eval_steps or self.o.run.logging_steps
         step, tokens, seconds, last, final = start, 0, 0.0, {}, {}
         saving = self.o.run.save_strategy != "no"
+        self.first_eval = {}
+        if self.o.run.eval_on_start and start == 0 and self.eval_batches:
+            self.first_eval = self.evaluate()
+            reporter.log(0, self.first_eval)
         feed = Prefetcher(self.batches)
         try:
             tick = time.perf_counter()

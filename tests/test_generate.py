@@ -6,7 +6,8 @@ import torch
 
 import dpo_jax
 from dpo_jax.errors import UserError
-from dpo_jax.generate import PROMPT_MULTIPLE, generate
+from dpo_jax.generate import PROMPT_MULTIPLE, generate, generate_text
+from dpo_jax.models import SUPPORTED_MODEL_TYPES
 from tiny_models import CONFIGS, make_model
 
 NEW = 12
@@ -24,7 +25,15 @@ def _transformers_greedy(model, prompt, new=NEW):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+# One tiny model per supported model_type (the other tiny models vary what the forward parity tests cover).
+ONE_PER_MODEL_TYPE = ("llama", "mistral", "qwen2_sliding", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
+
+
+def test_every_model_type_is_covered():
+    assert {CONFIGS[n]().model_type for n in ONE_PER_MODEL_TYPE} == set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("name", ONE_PER_MODEL_TYPE)
 def test_greedy_matches_transformers(name, tmp_path):
     """Prompts of different lengths in one batch (left padding), generating past the sliding windows (5
     tokens): token for token transformers' greedy output. A prompt longer than a length bucket: every token
@@ -101,3 +110,25 @@ def test_bad_settings_are_clear_errors(llama, kwargs):
     model, _ = llama
     with pytest.raises(UserError):
         generate(model, _prompts((4,)), **{"max_new_tokens": 4, **kwargs})
+
+
+def test_past_gpt2_positions_is_a_clear_error(tmp_path):
+    make_model("gpt2").save_pretrained(tmp_path)  # 32 positions
+    with pytest.raises(UserError, match="32 positions"):
+        generate(dpo_jax.from_pretrained(str(tmp_path)), _prompts((20,)), 13)
+
+
+def test_generate_command(tmp_path, capsys):
+    from dpo_jax import cli
+    from test_trainer import tiny_model
+
+    path = tiny_model(tmp_path / "tiny")
+    prompts = ["Why is the sky blue?", "What is an atom?"]
+    argv = ["generate", "--model_name_or_path", path, "--max_new_tokens", "5"]
+    assert cli.main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = dpo_jax.from_pretrained(path), dpo_jax.load_tokenizer(path)
+    expected = generate_text(model, tokenizer, prompts, chat=False, max_new_tokens=5)
+    assert printed == "".join(f"prompt: {p}\n{a}\n\n" for p, a in zip(prompts, expected))
+    assert cli.main(argv + ["--prompt", prompts[0], "--chat"]) == 2  # this tokenizer has no chat template
+    assert "no chat template" in capsys.readouterr().err

@@ -17,7 +17,6 @@ works with the real model (CI runs it), not a result.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import textwrap

@@ -21,9 +21,9 @@ def _demo(args) -> int:
 def _generate(args) -> None:
     from .generate import generate_text, load_for_generation
 
-    model, tokenizer = load_for_generation(args.model_name_or_path)
+    model, tokenizer, eos = load_for_generation(args.model_name_or_path)
     answers = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_token_ids=eos)
     for prompt, answer in zip(args.prompt, answers):
         print(f"prompt: {prompt}\n{answer}\n" if len(args.prompt) > 1 else answer)
 

@@ -10,13 +10,17 @@ preference data (360 training pairs; the 60 test pairs are held out) and shows w
 - in --output_dir: metrics.jsonl and plots.png (the run's), report.md (what was trained, both tables, the
   answers) and hf/, the tuned model as a Hugging Face directory.
 
-The settings (DEMO_OPTIONS) were chosen by measurement on a 2-core CPU (README, "The demo"). `--smoke` runs
+The settings (DEMO_OPTIONS) were chosen by measurement on a 2-core CPU (README, Quickstart); any train option
+overrides them, except that the demo always evaluates before training (eval_on_start). It runs in one process.
+For a model with a chat template the sample pairs are trained in TRL's conversational format (a copy in
+--output_dir/data), so that training and the answers both go through the template. `--smoke` runs
 the same pipeline in about two minutes, with 2 steps, 8 test pairs and 2 short answers: a check that every part
 works with the real model (CI runs it), not a result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -27,16 +31,19 @@ import jax
 from flax import nnx
 
 from . import options as opts
+from .data import BUILTIN_DATASETS
+from .errors import UserError
 from .generate import generate_text
-from .hf import export_pretrained
+from .hf import export_pretrained, load_tokenizer
 from .trainer import Trainer
 
 DEMO_OPTIONS = {
     "model_name_or_path": "builtin:smollm2", "dataset_name": "builtin:sample", "output_dir": "runs/demo",
-    "learning_rate": 3e-5, "max_steps": 48, "per_device_train_batch_size": 4, "beta": 0.1,
-    "eval_steps": 24, "eval_on_start": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+    "learning_rate": 5e-5, "max_steps": 32, "per_device_train_batch_size": 4, "beta": 0.1,
+    "eval_steps": 16, "eval_on_start": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
 }
 SMOKE_OPTIONS = {"max_steps": 2, "dataset_test_split": "test[:8]", "eval_steps": 100, "logging_steps": 1}
+SAMPLE = "builtin:sample"
 PROMPTS = {"direct": 3, "fact": 1, "refusal": 1}  # held-out prompts per category, in the test split's order
 MAX_NEW_TOKENS, SMOKE_NEW_TOKENS = 64, 8
 SHOWN = (("eval_rewards/accuracies", "reward accuracy"), ("eval_rewards/margins", "reward margin"),
@@ -45,23 +52,51 @@ SHOWN = (("eval_rewards/accuracies", "reward accuracy"), ("eval_rewards/margins"
          ("eval_loss", "loss"))
 
 
-def held_out_prompts(o, smoke: bool) -> list[tuple[str, str]]:
-    """(category, prompt) of the first held-out pairs of each category in PROMPTS; with `smoke`, or for a
-    dataset without those categories, the first plain-text prompts."""
+def chat_copy_of_sample(directory: Path) -> str:
+    """The bundled sample pairs in TRL's conversational format (a user turn, an assistant turn), written to
+    `directory`: training then goes through the model's chat template, as the answers do. (In the standard
+    format the prompts are tokenized as plain text, as TRL does, and an instruct model asked that way answers
+    little or nothing.)"""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in open(Path(BUILTIN_DATASETS[SAMPLE]) / f"{split}.jsonl")]
+        text = "".join(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}],
+                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                   "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                                   "category": r["category"]}) + "\n" for r in rows)
+        tmp = directory / f".{split}.jsonl.tmp"
+        tmp.write_text(text)
+        tmp.replace(directory / f"{split}.jsonl")
+    return str(directory)
+
+
+def held_out_prompts(o, smoke: bool) -> tuple[list[tuple[str, str]], bool]:
+    """((category, prompt text) of the first held-out pairs of each category in PROMPTS, or with `smoke` or
+    for a dataset without those categories the first ones; whether they are chat turns)."""
     from .data import load_split
 
     rows = list(load_split(o.data.dataset_name, o.data.dataset_test_split or "test",
                            config_name=o.data.dataset_config).dataset)
-    rows = [r for r in rows if isinstance(r.get("prompt"), str)]
+
+    def text(prompt):  # plain text, or the content of a single user turn
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user":
+            return prompt[0].get("content")
+        return None
+    rows = [r for r in rows if text(r.get("prompt"))]
+    if not rows:
+        raise UserError(f"the demo answers held-out prompts that are plain text or one user turn, and "
+                        f"{o.data.dataset_name} {o.data.dataset_test_split} has none; use dpo-jax train")
     count = 2 if smoke else sum(PROMPTS.values())
     picked, wanted = [], dict(PROMPTS)
     for row in rows if not smoke else []:
         if wanted.get(row.get("category"), 0) > 0:
-            picked.append((row["category"], row["prompt"]))
+            picked.append(row)
             wanted[row["category"]] -= 1
     if len(picked) < count:
-        picked = [(row.get("category") or "", row["prompt"]) for row in rows[:count]]
-    return picked
+        picked = rows[:count]
+    return [(r.get("category") or "", text(r["prompt"])) for r in picked], not isinstance(picked[0]["prompt"], str)
 
 
 def policy(trainer: Trainer) -> nnx.Module:
@@ -69,7 +104,8 @@ def policy(trainer: Trainer) -> nnx.Module:
     if trainer.o.lora.use_peft:
         from . import lora
 
-        return lora.merge(nnx.merge(trainer.graphdef, trainer.state.params, *trainer.ref))
+        # a copy: folding the adapters in place must not touch the trainer's base weights (its reference)
+        return lora.merge(nnx.merge(trainer.graphdef, trainer.state.params, *trainer.ref, copy=True))
     return nnx.merge(trainer.graphdef, trainer.state.params)
 
 
@@ -85,13 +121,17 @@ def main(argv: list[str]) -> int:
     out = Path(o.run.output_dir)
     print(f"dpo-jax demo: DPO on {o.run.model_name_or_path} with {o.data.dataset_name}, "
           f"{o.run.max_steps} steps of {o.run.per_device_train_batch_size} pairs; writing to {out}", flush=True)
+    tokenizer = load_tokenizer(o.run.model_name_or_path)  # before writing anything: the model must be there
+    if o.data.dataset_name == SAMPLE and getattr(tokenizer, "chat_template", None):
+        o = dataclasses.replace(o, data=dataclasses.replace(o.data, dataset_name=chat_copy_of_sample(out / "data")))
+    prompts, chat = held_out_prompts(o, smoke)  # before loading the model: a dataset the demo cannot use fails fast
     trainer = Trainer(o)
-    prompts = held_out_prompts(trainer.o, smoke)
     new_tokens = SMOKE_NEW_TOKENS if smoke else MAX_NEW_TOKENS
     texts = [p for _, p in prompts]
 
     print("answers before training ...", flush=True)
-    answers_before = generate_text(policy(trainer), trainer.tokenizer, texts, max_new_tokens=new_tokens)
+    # The prompts as the training saw them: through the chat template for conversational data, else plain text.
+    answers_before = generate_text(policy(trainer), trainer.tokenizer, texts, chat=chat, max_new_tokens=new_tokens)
 
     after = trainer.train()  # evaluates before its first step too (eval_on_start)
     before = trainer.first_eval
@@ -99,7 +139,7 @@ def main(argv: list[str]) -> int:
         print("dpo-jax demo: training was stopped before the end; nothing exported", file=sys.stderr)
         return 128 + (trainer.stopped_by or 0)
     model = policy(trainer)
-    answers_after = generate_text(model, trainer.tokenizer, texts, max_new_tokens=new_tokens)
+    answers_after = generate_text(model, trainer.tokenizer, texts, chat=chat, max_new_tokens=new_tokens)
     hf_dir = export_pretrained(model, str(out / "hf"), trainer.tokenizer)
     seconds = time.perf_counter() - start
 
@@ -110,14 +150,16 @@ def main(argv: list[str]) -> int:
     tmp = out / ".report.md.tmp"
     tmp.write_text(report)
     tmp.replace(out / "report.md")
-    (out / "generations.jsonl").write_text("".join(
-        json.dumps({"category": c, "prompt": p, "before": b, "after": a}) + "\n"
-        for (c, p), b, a in zip(prompts, answers_before, answers_after)))
+    tmp = out / ".generations.jsonl.tmp"
+    tmp.write_text("".join(json.dumps({"category": c, "prompt": p, "before": b, "after": a}) + "\n"
+                           for (c, p), b, a in zip(prompts, answers_before, answers_after)))
+    tmp.replace(out / "generations.jsonl")
     accuracy = after.get("eval_rewards/accuracies", float("nan"))
     print(f"\nheld-out reward accuracy {before.get('eval_rewards/accuracies', float('nan')):.3f} -> {accuracy:.3f}; "
           f"demo took {_minutes(seconds)} on {jax.device_count()} {jax.devices()[0].platform.upper()} device(s)")
     print(f"wrote {out / 'report.md'}, {out / 'metrics.jsonl'}, {out / 'plots.png'}, {out / 'generations.jsonl'} "
-          f"and the tuned model {hf_dir} (try: dpo-jax generate --model_name_or_path {hf_dir} --chat --prompt ...)")
+          f"and the tuned model {hf_dir} (try: dpo-jax generate --model_name_or_path {hf_dir} "
+          f"{'--chat ' if chat else ''}--prompt ...)")
     return 0
 
 

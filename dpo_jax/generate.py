@@ -26,7 +26,7 @@ _COMPILED: dict = {}
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             eos_token_ids: Sequence[int] = (), pad_token_id: int = 0, temperature: float = 0.0,
+             eos_token_ids: Sequence[int] = (), pad_token_id: int | None = 0, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
     """The new token ids of each prompt's continuation, up to and including its first end-of-sequence id."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -36,9 +36,11 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError(f"temperature must be >= 0 and top_p in (0, 1], not {temperature} and {top_p}")
     limit = getattr(model.config, "n_positions", None)  # GPT-2's learned position table
-    if limit and max(len(p) for p in prompts) + max_new_tokens > limit:
+    if limit and max(len(p) for p in prompts) + max_new_tokens - 1 > limit:  # the last token is not fed back
         raise UserError(f"the longest prompt ({max(len(p) for p in prompts)} tokens) plus max_new_tokens "
                         f"({max_new_tokens}) exceeds the model's {limit} positions; shorten one of them")
+    if pad_token_id is None:
+        pad_token_id = eos_token_ids[0] if eos_token_ids else 0
     length = -(-max(len(p) for p in prompts) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
     ids = np.full((len(prompts), length), pad_token_id, np.int32)
     valid = np.zeros((len(prompts), length), bool)
@@ -124,21 +126,23 @@ def encode_prompts(tokenizer, texts: Sequence[str], chat: bool) -> list[list[int
 
 
 def generate_text(model: nnx.Module, tokenizer, texts: Sequence[str], *, chat: bool | None = None,
-                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                  eos_token_ids: Sequence[int] | None = None) -> list[str]:
     """Each prompt's continuation as text (special tokens dropped). `chat` None: through the chat template
-    when the tokenizer has one."""
+    when the tokenizer has one. `eos_token_ids` default: the tokenizer's end-of-sequence token."""
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-    new = generate(model, encode_prompts(tokenizer, texts, chat), max_new_tokens, eos_token_ids=eos,
+    if eos_token_ids is None:
+        eos_token_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
+    new = generate(model, encode_prompts(tokenizer, texts, chat), max_new_tokens, eos_token_ids=tuple(eos_token_ids),
                    pad_token_id=pad, temperature=temperature, top_p=top_p, seed=seed)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
 def load_for_generation(path: str):
-    """(model, tokenizer) of a model (directory, repo id, .gguf, builtin:smollm2) or of a dpo-jax run or
-    checkpoint (its newest readable checkpoint, adapters folded in), on all local devices."""
+    """(model, tokenizer, end-of-sequence ids) of a model (directory, repo id, .gguf, builtin:smollm2) or of a
+    dpo-jax run or checkpoint (its newest readable checkpoint, adapters folded in), on all local devices."""
     from .hf import from_pretrained, load_tokenizer
     from .runs import load_trained, run_options
     from .sharding import make_mesh
@@ -146,6 +150,25 @@ def load_for_generation(path: str):
     mesh = make_mesh(fsdp=-1)
     trained = run_options(path)
     if trained is None:
-        return from_pretrained(path, mesh=mesh), load_tokenizer(path)
-    model, o, _ = load_trained(path, mesh, jnp.float32)
-    return model, load_tokenizer(o.run.model_name_or_path)
+        model, tokenizer = from_pretrained(path, mesh=mesh), load_tokenizer(path)
+    else:
+        model, o, _ = load_trained(path, mesh, jnp.float32)
+        path = o.run.model_name_or_path
+        tokenizer = load_tokenizer(path)
+    return model, tokenizer, end_of_sequence_ids(path, tokenizer)
+
+
+def end_of_sequence_ids(path: str, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's end-of-sequence id and those of the model's `generation_config.json`, as transformers
+    stops at (chat models often end a turn with another token than the tokenizer's eos: Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>)."""
+    import os
+
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    config = os.path.join(path, "generation_config.json")
+    if os.path.isfile(config):
+        import json
+
+        value = json.loads(open(config).read()).get("eos_token_id")
+        ids += [value] if isinstance(value, int) else list(value or [])
+    return tuple(dict.fromkeys(ids))

@@ -323,11 +323,11 @@ class Trainer:
         step, tokens, seconds, last, final = start, 0, 0.0, {}, {}
         saving = self.o.run.save_strategy != "no"
         self.first_eval = {}
-        if self.o.run.eval_on_start and start == 0 and self.eval_batches:
-            self.first_eval = self.evaluate()
-            reporter.log(0, self.first_eval)
         feed = Prefetcher(self.batches)
         try:
+            if self.o.run.eval_on_start and start == 0 and self.eval_batches:
+                self.first_eval = self.evaluate()
+                reporter.log(0, self.first_eval)
             tick = time.perf_counter()
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(feed)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -27,11 +28,13 @@ def _check_outputs(out, prompts: int):
     return rows
 
 
-def test_demo_pipeline_on_a_tiny_model(tmp_path, capsys):
-    """Trains, evaluates before and after, answers, exports; the exported model gives the same answers."""
+@pytest.mark.parametrize("peft", ["false", "true"])
+def test_demo_pipeline_on_a_tiny_model(tmp_path, capsys, peft):
+    """Trains (fully or LoRA), evaluates before and after, answers, exports; the exported model gives the
+    same answers."""
     model = tiny_model(tmp_path / "tiny")
     out = tmp_path / "demo"
-    status = demo.main(["--smoke", "--model_name_or_path", model, "--output_dir", str(out),
+    status = demo.main(["--smoke", "--model_name_or_path", model, "--output_dir", str(out), "--use_peft", peft,
                         "--learning_rate", "1e-3", "--max_length", "128"])
     assert status == 0
     printed = capsys.readouterr().out
@@ -39,22 +42,27 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, capsys):
     rows = _check_outputs(out, prompts=2)
     exported = dpo_jax.from_pretrained(str(out / "hf"))
     again = generate_text(exported, dpo_jax.load_tokenizer(str(out / "hf")), [r["prompt"] for r in rows],
-                          max_new_tokens=demo.SMOKE_NEW_TOKENS)
+                          chat=False, max_new_tokens=demo.SMOKE_NEW_TOKENS)
     assert again == [r["after"] for r in rows]
 
 
-def test_held_out_prompts_cover_the_categories():
+def test_held_out_prompts_cover_the_categories(tmp_path):
     o = dpo_jax.options.from_dict(demo.DEMO_OPTIONS)
-    prompts = demo.held_out_prompts(o, smoke=False)
-    assert [c for c, _ in prompts] == ["direct", "fact", "direct", "refusal", "direct"]
+    prompts, chat = demo.held_out_prompts(o, smoke=False)
+    assert [c for c, _ in prompts] == ["direct", "fact", "direct", "refusal", "direct"] and not chat
+    copy = demo.chat_copy_of_sample(tmp_path / "data")
+    prompts_of_copy, chat = demo.held_out_prompts(dpo_jax.options.from_dict({**demo.DEMO_OPTIONS, "dataset_name": copy}),
+                                                  smoke=False)
+    assert prompts_of_copy == prompts and chat
 
 
 @pytest.mark.slow
 def test_smoke_run_of_the_real_model(tmp_path):
     """`dpo-jax demo --smoke`: SmolLM2 from the GGUF, 2 steps, both evaluations, answers and the export."""
     out = tmp_path / "demo"
+    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's machine: not the suite's eight
     done = subprocess.run([sys.executable, "-m", "dpo_jax", "demo", "--smoke", "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "held-out reward accuracy" in done.stdout
     _check_outputs(out, prompts=2)

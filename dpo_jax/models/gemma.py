@@ -83,7 +83,7 @@ class DecoderLayer(nnx.Module):
         self.self_attn = SelfAttention(
             hidden=d, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, qkv_bias=False,
             o_bias=False, qk_norm=cfg.qk_norm, norm_eps=eps, norm_offset=1.0, scale=cfg.query_scale,
-            softcap=cfg.attn_logit_softcapping, inv_freq=cfg.inv_freqs[layer], window=cfg.sliding_windows[layer], layer=layer,
+            softcap=cfg.attn_logit_softcapping, inv_freq=cfg.inv_freqs[layer], window=cfg.sliding_windows[layer],
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Gemma 1 uses this as the pre-MLP norm (as Llama); Gemma 2/3 apply it to the attention output.
         self.post_attention_layernorm = RMSNorm(d, eps, **norm)

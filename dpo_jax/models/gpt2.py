@@ -53,14 +53,13 @@ class Attention(nnx.Module):
         head_dim = cfg.n_embd // cfg.n_head
         scale = head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
-        self.layer = layer  # its slot in a KVCache
 
     def __call__(self, x_BxTxD, mask_BxTxS, cache=None):
         b, t, d = x_BxTxD.shape
         q, k, v = jnp.split(self.c_attn(x_BxTxD), 3, axis=-1)
         q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
         if cache is not None:
-            k, v = cache.write(self.layer, k, v)
+            k, v = cache.write(k, v)
         return self.c_proj(attention(q, k, v, mask_BxTxS, scale=self.scale).reshape(b, t, d))
 
 

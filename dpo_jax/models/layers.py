@@ -243,14 +243,16 @@ class KVCache:
 
     A model called with a cache runs its new tokens in the next free slots: `extend` records their positions
     and gives their attention mask (a key is visible when it is a real token in an earlier or the same slot),
-    each attention layer `write`s its keys and values and attends over all slots, and `advance` moves the
-    free slot on. Left-padded prompts keep their padding slots as invisible keys. A pytree, so it can be the
+    each attention layer in turn `write`s its keys and values (the cache numbers the layers in the order they
+    write: a layer index stored in the modules would make every block's graph differ, and the remat scan
+    needs equal ones) and attends over all slots, and `advance` moves the free slot on. Left-padded prompts keep their padding slots as invisible keys. A pytree, so it can be the
     carry of a `lax.while_loop`; its methods update it in place while tracing.
     """
 
     def __init__(self, keys, values, key_positions_BxL, key_valid_BxL, index):
         self.keys, self.values = dict(keys), dict(values)  # layer -> [B, L, K, E], from its first write
         self.key_positions, self.key_valid, self.index = key_positions_BxL, key_valid_BxL, index
+        self.layer = 0  # the next layer to write, within one forward (not part of the pytree)
 
     @classmethod
     def empty(cls, batch: int, length: int) -> "KVCache":
@@ -271,12 +273,14 @@ class KVCache:
         start = (0, self.index)
         self.key_positions = jax.lax.dynamic_update_slice(self.key_positions, positions_BxT.astype(jnp.int32), start)
         self.key_valid = jax.lax.dynamic_update_slice(self.key_valid, valid, start)
+        self.layer = 0
         slots = jnp.arange(self.key_valid.shape[1])
         earlier = slots[None, :] <= (self.index + jnp.arange(t))[:, None]
         return self.key_valid[:, None, :] & earlier[None]
 
-    def write(self, layer: int, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Store layer `layer`'s new keys and values; all of its keys and values [B, L, K, E]."""
+    def write(self, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Store the next layer's new keys and values; all of its keys and values [B, L, K, E]."""
+        layer, self.layer = self.layer, self.layer + 1
         if layer not in self.keys:
             b, _, heads, dim = k_BxTxKxE.shape
             self.keys[layer] = jnp.zeros((b, self.key_valid.shape[1], heads, dim), k_BxTxKxE.dtype)
@@ -315,8 +319,7 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
                  qk_norm: bool, norm_eps: float, norm_offset: float, scale: float, softcap: float | None,
-                 inv_freq: tuple[float, ...], window: int | None, layer: int, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 inv_freq: tuple[float, ...], window: int | None, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(hidden, heads * head_dim, ("embed", "q_heads"), bias=qkv_bias, **kw)
         self.k_proj = Linear(hidden, kv_heads * head_dim, ("embed", "kv_heads"), bias=qkv_bias, **kw)
@@ -327,7 +330,6 @@ class SelfAttention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps, **norm) if qk_norm else None
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scale, self.softcap, self.inv_freq, self.window = scale, softcap, inv_freq, window
-        self.layer = layer  # its slot in a KVCache
 
     def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array, positions_BxT: jax.Array,
                  cache: KVCache | None = None) -> jax.Array:
@@ -341,7 +343,7 @@ class SelfAttention(nnx.Module):
         k = apply_rope(k, positions_BxT, self.inv_freq)
         key_positions = None
         if cache is not None:  # attend over every cached key: S = the cache's length
-            k, v = cache.write(self.layer, k, v)
+            k, v = cache.write(k, v)
             key_positions = cache.key_positions
         mask = sliding_window_mask(mask_BxTxS, positions_BxT, self.window, key_positions)
         out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)

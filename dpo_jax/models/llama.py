@@ -81,7 +81,7 @@ class DecoderLayer(nnx.Module):
             hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.rms_norm_eps,
             norm_offset=0.0, scale=cfg.head_dim ** -0.5, softcap=None, inv_freq=cfg.inv_freq,
-            window=cfg.sliding_windows[layer], layer=layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            window=cfg.sliding_windows[layer], dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=cfg.mlp_bias,
                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)

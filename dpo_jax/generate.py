@@ -48,10 +48,11 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         ids[row, length - len(prompt):] = prompt
         valid[row, length - len(prompt):] = True
     graphdef, state = nnx.split(model)
-    key = (graphdef, ids.shape, max_new_tokens, tuple(eos_token_ids), pad_token_id, float(temperature), float(top_p))
+    # one jitted function per model and settings (it compiles once per batch shape itself)
+    key = (graphdef, max_new_tokens, tuple(eos_token_ids), pad_token_id, float(temperature), float(top_p))
     if key not in _COMPILED:
         _COMPILED.clear()  # one model at a time: do not keep old graphs alive
-        _COMPILED[key] = _compile(graphdef, *key[2:])
+        _COMPILED[key] = _compile(*key)
     tokens = np.asarray(_COMPILED[key](state, jnp.asarray(ids), jnp.asarray(valid), jax.random.key(seed)))
     out = []
     for row in tokens:

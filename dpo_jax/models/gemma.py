@@ -18,7 +18,7 @@ from flax import nnx
 
 from ..errors import CheckpointError
 from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
-                     run_blocks)
+                     run_blocks, wide)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -132,7 +132,10 @@ class GemmaForCausalLM(nnx.Module):
         return self.norm(x)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        logits = self.embed_tokens.attend(hidden_BxTxD) if self.lm_head is None else self.lm_head(hidden_BxTxD)
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(hidden_BxTxD)
+        else:
+            logits = self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype))
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 

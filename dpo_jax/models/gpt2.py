@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Embed, KVCache, LayerNorm, Linear, activation, attention, mask_and_positions, run_blocks
+from .layers import (Embed, KVCache, LayerNorm, Linear, activation, attention, mask_and_positions, run_blocks,
+                     wide)
 
 MODEL_TYPES = ("gpt2",)
 
@@ -117,7 +118,7 @@ class GPT2LMHeadModel(nnx.Module):
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         if self.lm_head is None:
             return self.wte.attend(hidden_BxTxD)
-        return self.lm_head(hidden_BxTxD)
+        return self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype))
 
 
 # GPT-2's Conv1D stores weights [in, out], as we do: no transposes.

@@ -48,11 +48,13 @@ class Linear(nnx.Module):
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, preferred_element_type=None) -> jax.Array:
+        """`preferred_element_type`: the product's accumulation and output dtype (the output head: float32, so
+        bfloat16 logits are not rounded before the softmax)."""
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=preferred_element_type)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(y.dtype)
         if self.lora_a is not None:
             xa = x
             if self.lora_dropout and self.lora_key is not None:  # dropout on the adapter's input, as PEFT
@@ -79,7 +81,9 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(self.dtype)
 
     def attend(self, x_BxTxD: jax.Array) -> jax.Array:
-        return jnp.dot(x_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        """Tied output logits, accumulated and returned in float32 (at least) whatever the compute dtype."""
+        return jnp.dot(x_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
+                       preferred_element_type=wide(self.dtype))
 
 
 def wide(dtype) -> jnp.dtype:

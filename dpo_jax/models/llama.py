@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
-                     run_blocks)
+                     run_blocks, wide)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -126,7 +126,7 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         if self.lm_head is None:
             return self.embed_tokens.attend(hidden_BxTxD)
-        return self.lm_head(hidden_BxTxD)
+        return self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype))
 
 
 # transformers' checkpoint names -> our parameter paths; (hf, ours, transpose). `{i}` is a layer index,

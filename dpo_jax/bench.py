@@ -108,7 +108,7 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
     started = time.perf_counter()
     o = options.parse(option_args + ["--num_train_epochs", str(epochs)])
     trainer = Trainer(o)
-    config = load_config(o.run.model_name_or_path)
+    config = load_config(o.run.model_name_or_path, trust_remote_code=o.run.trust_remote_code)
     d = dims(config)
     matmul, width = matmul_params(config), d["heads"] * (getattr(config, "head_dim", None) or d["hidden"] // d["heads"])
     reference_pass = not (o.loss.reference_free or all(n in losses.REFERENCE_FREE for n, _ in o.loss.terms()))
@@ -203,7 +203,7 @@ def _prepare(option_args: list[str], work: Path, need_hf_model: bool) -> tuple[l
     ours = option_args + ["--dataset_name", str(data), "--dataset_train_split", "train"]
     shared = {k: flat[k] for k in SHARED if k in flat}
     shared["precompute_ref_batch_size"] = o.run.per_device_eval_batch_size  # our precompute's batch
-    return ours, {"model": model, "data": str(data), "options": shared,
+    return ours, {"model": model, "data": str(data), "options": shared, "trust_remote_code": o.run.trust_remote_code,
                   "pairs": len(rows.dataset)}
 
 

@@ -148,15 +148,11 @@ def _custom_code(file: str, auto_class: str) -> str | None:
     return auto_map if isinstance(auto_map, str) and auto_map else None
 
 
-def _refuse_custom_code(file: str, reference: str, e: Exception) -> CheckpointError:
+def _refuse_custom_code(file: str, reference: str) -> CheckpointError:
     return CheckpointError(
-        f"{file} asks to run custom code ({reference}) to read it, and transformers cannot read it without that "
-        f"code ({_first_line(e)}). dpo-jax runs no code from a model directory unless the command line says so: "
+        f"{file} asks to run custom code ({reference}) to read it, and transformers has no built-in class to read "
+        f"it without that code. dpo-jax runs no code from a model directory unless the command line says so: "
         f"read the code first, then give --trust_remote_code true to allow it.")
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _warn_custom_code_not_run(file: str, reference: str | None, what: str) -> None:
@@ -177,7 +173,7 @@ def _hf_config(directory: str, trust_remote_code: bool = False):
         config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=bool(trust_remote_code))
     except (ValueError, KeyError) as e:
         if custom and not trust_remote_code:
-            raise _refuse_custom_code(file, custom, e) from e
+            raise _refuse_custom_code(file, custom) from e
         raise CheckpointError(f"{directory}/config.json: transformers cannot read it: {e}") from e
     if not trust_remote_code:
         _warn_custom_code_not_run(file, custom, "the config")
@@ -323,7 +319,7 @@ def load_tokenizer(path_or_repo_id: str, *, trust_remote_code: bool = False):
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=bool(trust_remote_code))
     except ValueError as e:
         if custom and not trust_remote_code:
-            raise _refuse_custom_code(file, custom, e) from e
+            raise _refuse_custom_code(file, custom) from e
         raise
     if not trust_remote_code:
         _warn_custom_code_not_run(file, custom, "the tokenizer")

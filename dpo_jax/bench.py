@@ -251,14 +251,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpo-jax bench", description=__doc__.splitlines()[0],
         epilog="Any train option may follow (e.g. --pack_pairs pairs --precompute_ref_log_probs true). Defaults: "
                + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items()))
     parser.add_argument("--vs", choices=["trl"], help="also run TRL's DPOTrainer on the same model, data, settings")
-    parser.add_argument("--bench_epochs", type=int, default=2, help="epochs to train; the last one is measured")
-    parser.add_argument("--bench_steps", type=int, help="instead: train this many steps of one epoch and measure "
+    parser.add_argument("--bench_epochs", type=_at_least_one, default=2, help="epochs to train; the last one is measured")
+    parser.add_argument("--bench_steps", type=_at_least_one, help="instead: train this many steps of one epoch and measure "
                         "those that compiled nothing (for datasets too large for whole epochs)")
     parser.add_argument("--trl_gradient_checkpointing", default="false", choices=["true", "false"])
     parser.add_argument("--output_json", help="write every figure (and per-step times) here")

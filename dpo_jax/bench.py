@@ -108,7 +108,7 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
     started = time.perf_counter()
     o = options.parse(option_args + ["--num_train_epochs", str(epochs)])
     trainer = Trainer(o)
-    config = load_config(o.run.model_name_or_path)
+    config = load_config(o.run.model_name_or_path, trust_remote_code=o.run.trust_remote_code)
     d = dims(config)
     matmul, width = matmul_params(config), d["heads"] * (getattr(config, "head_dim", None) or d["hidden"] // d["heads"])
     reference_pass = not (o.loss.reference_free or all(n in losses.REFERENCE_FREE for n, _ in o.loss.terms()))
@@ -203,7 +203,7 @@ def _prepare(option_args: list[str], work: Path, need_hf_model: bool) -> tuple[l
     ours = option_args + ["--dataset_name", str(data), "--dataset_train_split", "train"]
     shared = {k: flat[k] for k in SHARED if k in flat}
     shared["precompute_ref_batch_size"] = o.run.per_device_eval_batch_size  # our precompute's batch
-    return ours, {"model": model, "data": str(data), "options": shared,
+    return ours, {"model": model, "data": str(data), "options": shared, "trust_remote_code": o.run.trust_remote_code,
                   "pairs": len(rows.dataset)}
 
 
@@ -251,14 +251,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpo-jax bench", description=__doc__.splitlines()[0],
         epilog="Any train option may follow (e.g. --pack_pairs pairs --precompute_ref_log_probs true). Defaults: "
                + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items()))
     parser.add_argument("--vs", choices=["trl"], help="also run TRL's DPOTrainer on the same model, data, settings")
-    parser.add_argument("--bench_epochs", type=int, default=2, help="epochs to train; the last one is measured")
-    parser.add_argument("--bench_steps", type=int, help="instead: train this many steps of one epoch and measure "
+    parser.add_argument("--bench_epochs", type=_at_least_one, default=2, help="epochs to train; the last one is measured")
+    parser.add_argument("--bench_steps", type=_at_least_one, help="instead: train this many steps of one epoch and measure "
                         "those that compiled nothing (for datasets too large for whole epochs)")
     parser.add_argument("--trl_gradient_checkpointing", default="false", choices=["true", "false"])
     parser.add_argument("--output_json", help="write every figure (and per-step times) here")

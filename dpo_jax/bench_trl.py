@@ -43,9 +43,10 @@ def main(spec: dict) -> dict:
     config = DPOConfig(output_dir=spec["output_dir"], num_train_epochs=spec["epochs"], bf16=False,
                        gradient_checkpointing=spec["gradient_checkpointing"], report_to="none", save_strategy="no",
                        logging_steps=1_000_000, eval_strategy="no", disable_tqdm=True, **options)
-    hf = AutoConfig.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    trust = bool(spec.get("trust_remote_code", False))  # explicit: with None transformers asks on stdin
+    hf = AutoConfig.from_pretrained(spec["model"], trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=trust)
     train = datasets.load_dataset("json", data_files=spec["data"], split="train")
 
     # Useful FLOPs as dpo_jax/bench.py counts them: per real token 2P + 4 L A (p + 1), times 3 (policy forward

@@ -21,11 +21,28 @@ def _demo(args) -> int:
 def _generate(args) -> None:
     from .generate import generate_text, load_for_generation
 
-    model, tokenizer, eos = load_for_generation(args.model_name_or_path)
+    _check_generate_numbers(args)
+    model, tokenizer, eos = load_for_generation(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     answers = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_token_ids=eos)
     for prompt, answer in zip(args.prompt, answers):
         print(f"prompt: {prompt}\n{answer}\n" if len(args.prompt) > 1 else answer)
+
+
+def _check_generate_numbers(args) -> None:
+    """Sampling settings that would decode nothing or decode wrongly, refused before the model loads."""
+    from .config import check_range, check_seed
+
+    check_range("max_new_tokens", args.max_new_tokens, 1)
+    check_range("temperature", args.temperature, 0)
+    check_range("top_p", args.top_p, 0, 1, above=True)
+    check_seed("seed", args.seed)
+
+
+def _add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust_remote_code", type=_parse_bool, default=False, metavar="{true,false}",
+                        help="let transformers run the model directory's own config / tokenizer code (auto_map); "
+                             "default false: that code is never run")
 
 
 def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
@@ -69,7 +86,7 @@ def _audit(args) -> None:
     from .data import MissingSplit
 
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)})
-    tokenizer = load_tokenizer(args.model_name_or_path or smollm2_path())
+    tokenizer = load_tokenizer(args.model_name_or_path or smollm2_path(), trust_remote_code=args.trust_remote_code)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reports = {}
     for name, split in (("train", cfg.dataset_train_split), ("test", cfg.dataset_test_split)):
@@ -115,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, default=1.0,
                      help="sample only from the smallest set of tokens whose probability reaches top_p")
     gen.add_argument("--seed", type=int, default=0)
+    _add_trust_remote_code(gen)
     gen.set_defaults(run=_generate)
 
     from .config import DataConfig
@@ -124,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--output_dir", help="also write data_audit.json here")
     check.add_argument("--per_device_train_batch_size", type=int, default=8, help="pairs per batch (one device) for the bucket and padding figures")
     _add_config_options(check, DataConfig)
+    _add_trust_remote_code(check)
     check.set_defaults(run=_audit)
 
     train = sub.add_parser("train", help="train with DPO (options: TRL's names; --config run.yaml)",
@@ -142,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a run's output_dir (newest checkpoint) or checkpoints/<step>")
     export.add_argument("--output_dir", required=True)
     export.add_argument("--mesh", default="fsdp=-1", help="devices to load the checkpoint onto")
+    _add_trust_remote_code(export)  # consent of this command: the run's saved option does not count
     export.set_defaults(run=_export)
     bench = sub.add_parser("bench", add_help=False,
                            help="training speed and memory, and TRL's side by side (--vs trl); --help for more")
@@ -174,7 +194,7 @@ def _evaluate(args) -> None:
 def _export(args) -> None:
     from .runs import export
 
-    export(args.checkpoint, args.output_dir, args.mesh)
+    export(args.checkpoint, args.output_dir, args.mesh, trust_remote_code=args.trust_remote_code)
 
 
 def _train(args) -> int:

@@ -121,7 +121,8 @@ def main(argv: list[str]) -> int:
     out = Path(o.run.output_dir)
     print(f"dpo-jax demo: DPO on {o.run.model_name_or_path} with {o.data.dataset_name}, "
           f"{o.run.max_steps} steps of {o.run.per_device_train_batch_size} pairs; writing to {out}", flush=True)
-    tokenizer = load_tokenizer(o.run.model_name_or_path)  # before writing anything: the model must be there
+    # before writing anything: the model must be there
+    tokenizer = load_tokenizer(o.run.model_name_or_path, trust_remote_code=o.run.trust_remote_code)
     if o.data.dataset_name == SAMPLE and getattr(tokenizer, "chat_template", None):
         o = dataclasses.replace(o, data=dataclasses.replace(o.data, dataset_name=chat_copy_of_sample(out / "data")))
     prompts, chat = held_out_prompts(o, smoke)  # before loading the model: a dataset the demo cannot use fails fast

@@ -141,9 +141,10 @@ def generate_text(model: nnx.Module, tokenizer, texts: Sequence[str], *, chat: b
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
-def load_for_generation(path: str):
+def load_for_generation(path: str, trust_remote_code: bool = False):
     """(model, tokenizer, end-of-sequence ids) of a model (directory, repo id, .gguf, builtin:smollm2) or of a
-    dpo-jax run or checkpoint (its newest readable checkpoint, adapters folded in), on all local devices."""
+    dpo-jax run or checkpoint (its newest readable checkpoint, adapters folded in), on all local devices.
+    `trust_remote_code` lets transformers run the model directory's own config / tokenizer code."""
     from .hf import from_pretrained, load_tokenizer
     from .runs import load_trained, run_options
     from .sharding import make_mesh
@@ -151,11 +152,12 @@ def load_for_generation(path: str):
     mesh = make_mesh(fsdp=-1)
     trained = run_options(path)
     if trained is None:
-        model, tokenizer = from_pretrained(path, mesh=mesh), load_tokenizer(path)
+        model = from_pretrained(path, mesh=mesh, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     else:
-        model, o, _ = load_trained(path, mesh, jnp.float32)
+        model, o, _ = load_trained(path, mesh, jnp.float32, trust_remote_code)
         path = o.run.model_name_or_path
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     return model, tokenizer, end_of_sequence_ids(path, tokenizer)
 
 

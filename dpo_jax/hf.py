@@ -133,15 +133,51 @@ def _checkpoint(directory: str) -> Tensors:
         f"flax_model.msgpack; PyTorch .bin files are not read: convert them to safetensors first.")
 
 
-def _hf_config(directory: str):
+def _custom_code(file: str, auto_class: str) -> str | None:
+    """The custom class that `file` (config.json, tokenizer_config.json) names for `auto_class` in its
+    `auto_map`: code of the model's own that transformers would import to read it; None when there is none."""
+    try:
+        with open(file) as f:
+            auto_map = json.load(f).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(auto_map, dict):
+        auto_map = auto_map.get(auto_class)
+    if isinstance(auto_map, (list, tuple)):  # a tokenizer's [slow, fast] pair
+        auto_map = next((ref for ref in reversed(auto_map) if ref), None)
+    return auto_map if isinstance(auto_map, str) and auto_map else None
+
+
+def _refuse_custom_code(file: str, reference: str) -> CheckpointError:
+    return CheckpointError(
+        f"{file} asks to run custom code ({reference}) to read it, and transformers has no built-in class to read "
+        f"it without that code. dpo-jax runs no code from a model directory unless the command line says so: "
+        f"read the code first, then give --trust_remote_code true to allow it.")
+
+
+def _warn_custom_code_not_run(file: str, reference: str | None, what: str) -> None:
+    if reference:
+        logger.warning("%s names custom code (%s); it is not run (trust_remote_code is false): %s is read with "
+                       "transformers' built-in class", file, reference, what)
+
+
+def _hf_config(directory: str, trust_remote_code: bool = False):
     import transformers
 
-    if not os.path.exists(os.path.join(directory, "config.json")):
+    file = os.path.join(directory, "config.json")
+    if not os.path.exists(file):
         raise CheckpointError(f"{directory}: no config.json")
+    custom = _custom_code(file, "AutoConfig")
     try:
-        return transformers.AutoConfig.from_pretrained(directory)
+        # Always explicit: with None, transformers asks on standard input whether to run a model's own code.
+        config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=bool(trust_remote_code))
     except (ValueError, KeyError) as e:
+        if custom and not trust_remote_code:
+            raise _refuse_custom_code(file, custom) from e
         raise CheckpointError(f"{directory}/config.json: transformers cannot read it: {e}") from e
+    if not trust_remote_code:
+        _warn_custom_code_not_run(file, custom, "the config")
+    return config
 
 
 def _path_str(path: tuple) -> str:
@@ -226,24 +262,27 @@ def _untie_if_head_differs(hf_config, tensors: Tensors, name_map: NameMap, embed
         hf_config.tie_word_embeddings = False
 
 
-def load_config(path_or_repo_id: str):
-    """Our model config of a checkpoint, without reading its weights (for checks and memory plans)."""
+def load_config(path_or_repo_id: str, *, trust_remote_code: bool = False):
+    """Our model config of a checkpoint, without reading its weights (for checks and memory plans).
+    `trust_remote_code` lets transformers import a config class that the directory's config.json names."""
     location = _resolve(path_or_repo_id)
     if location.endswith(".gguf"):
         from . import gguf
 
         return config_from_hf(gguf.read_config(location))
-    return config_from_hf(_hf_config(location))
+    return config_from_hf(_hf_config(location, trust_remote_code))
 
 
 def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+                    mesh: jax.sharding.Mesh | None = None, trust_remote_code: bool = False) -> nnx.Module:
     """Load a causal LM from a Hugging Face directory or repo id, or a .gguf file.
 
     Weights come from model.safetensors, sharded safetensors (model.safetensors.index.json),
     transformers' Flax weights (flax_model.msgpack) or a GGUF file (dequantised to `param_dtype`).
     `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters. With a `mesh`, each
     tensor is placed straight into the sharding its logical axes map to (see `sharding.py`).
+    `trust_remote_code` lets transformers import the config class that config.json's `auto_map` names (the model
+    itself is always dpo-jax's own code, chosen by `model_type`); without it that code is never run.
     """
     location = _resolve(path_or_repo_id)
     if location.endswith(".gguf"):
@@ -251,7 +290,7 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
 
         hf_config, tensors = gguf.read_checkpoint(location)
     else:
-        hf_config = _hf_config(location)
+        hf_config = _hf_config(location, trust_remote_code)
         config_from_hf(hf_config)  # an unsupported model type or setting fails before weights are opened
         tensors = _checkpoint(location)
     module = family(hf_config.model_type)
@@ -262,8 +301,10 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
                         param_dtype=param_dtype, mesh=mesh)
 
 
-def load_tokenizer(path_or_repo_id: str):
-    """The tokenizer of a model directory / repo id (transformers' AutoTokenizer) or of a .gguf file."""
+def load_tokenizer(path_or_repo_id: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a model directory / repo id (transformers' AutoTokenizer) or of a .gguf file.
+    `trust_remote_code` lets transformers import a tokenizer class that tokenizer_config.json's `auto_map`
+    names; without it that code is never run."""
     location = _resolve(path_or_repo_id)
     if location.endswith(".gguf"):
         from . import gguf
@@ -271,7 +312,18 @@ def load_tokenizer(path_or_repo_id: str):
         return gguf.read_tokenizer(location)
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(location)
+    file = os.path.join(location, "tokenizer_config.json")
+    custom = _custom_code(file, "AutoTokenizer")
+    try:
+        # Always explicit: with None, transformers asks on standard input whether to run a model's own code.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=bool(trust_remote_code))
+    except ValueError as e:
+        if custom and not trust_remote_code:
+            raise _refuse_custom_code(file, custom) from e
+        raise
+    if not trust_remote_code:
+        _warn_custom_code_not_run(file, custom, "the tokenizer")
+    return tokenizer
 
 
 def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, bool]]:

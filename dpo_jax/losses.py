@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from .config import check_range
 from .errors import UserError
 
 
@@ -61,6 +62,17 @@ class LossConfig:
         if "exo_pair" in self.loss_type and not 0 < self.label_smoothing < 1:
             raise UserError(f"the exo_pair loss needs label_smoothing in (0, 1), e.g. 1e-3, not "
                             f"{self.label_smoothing}")
+        if set(self.loss_type) - {"exo_pair"}:  # every other loss reads it as the probability of a flipped label
+            check_range("label_smoothing", self.label_smoothing, 0, 0.5, below=True)
+        check_range("beta", self.beta, 0, above=True)
+        check_range("discopop_tau", self.discopop_tau, 0, above=True)
+        check_range("simpo_gamma", self.simpo_gamma, 0)
+        check_range("rpo_alpha", self.rpo_alpha, 0)  # a negative weight would push the chosen answers away
+        for weight in self.loss_weights or ():
+            check_range("loss_weights", weight, 0)
+        if self.loss_weights is not None and not any(self.loss_weights) and not self.rpo_alpha:
+            raise UserError(f"option loss_weights: all {len(self.loss_weights)} weights are 0, so nothing would "
+                            f"be trained; give at least one weight above 0")
 
     def terms(self) -> list[tuple[str, float]]:
         """(loss name, weight) of every term, the RPO NLL term included."""

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataConfig
+from .config import DataConfig, check_range, check_seed
 from .errors import UserError
 from .losses import LOSSES, LossConfig
 from .step import SCHEDULES, OptimConfig
@@ -30,12 +30,18 @@ class LoraConfig:
     lora_dropout: float = 0.05  # dropout on the adapters' input in training
     lora_target_modules: tuple[str, ...] | None = None  # layer names; default q_proj,v_proj (GPT-2: c_attn); or all-linear
 
+    def __post_init__(self):
+        check_range("lora_r", self.lora_r, 1)
+        check_range("lora_alpha", self.lora_alpha, 0, above=True)
+        check_range("lora_dropout", self.lora_dropout, 0, 1, below=True)
+
 
 @dataclass(frozen=True)
 class RunConfig:
     """The model, the run's length and bookkeeping, and what TRL lacks (mesh, pack_pairs, ...)."""
 
     model_name_or_path: str | None = None  # the policy's starting point: HF directory, hub id or .gguf
+    trust_remote_code: bool = False  # let transformers run a model directory's own config / tokenizer code (auto_map)
     ref_model_name_or_path: str | None = None  # default: the policy's starting weights
     output_dir: str | None = None  # metrics, TensorBoard events, checkpoints and plots go here
     per_device_train_batch_size: int = 8  # pairs per device per micro-batch (global: x data x fsdp x accumulation)
@@ -67,14 +73,16 @@ class RunConfig:
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_nonfinite_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"option {name} must be at least 1, not {value}")
-        if self.memory_limit_gb is not None and not self.memory_limit_gb > 0:
-            raise UserError(f"memory_limit_gb must be above 0, not {self.memory_limit_gb}")
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:
-            raise UserError(f"num_train_epochs must be above 0 (or give max_steps), not {self.num_train_epochs}")
+                     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_nonfinite_steps",
+                     "num_processes"):
+            check_range(name, getattr(self, name), 1)
+        check_range("max_steps", self.max_steps, 1, allow=(-1,))  # 0 would be read as "no limit": refused
+        check_range("num_train_epochs", self.num_train_epochs, 0)
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise UserError(f"option num_train_epochs must be above 0 (or give max_steps), not {self.num_train_epochs}")
+        check_range("memory_limit_gb", self.memory_limit_gb, 0, above=True)
+        check_seed("seed", self.seed)
+        check_range("process_id", self.process_id, 0, None if self.num_processes is None else self.num_processes - 1)
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ def parse_value(name: str, value, annotation):
                 return False
             raise ValueError
         if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, float) and not value.is_integer():  # also inf and nan (from YAML's .inf, .nan)
                 raise ValueError
             return int(value)
         if annotation is float:

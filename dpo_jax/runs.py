@@ -27,7 +27,9 @@ from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, step_con
 log = logging.getLogger(__name__)
 
 # evaluating a run: its options are the defaults but for these (the machine's, and where to look)
-NOT_INHERITED = ("model_name_or_path", "ref_model_name_or_path", "resume_from_checkpoint", "mesh", "output_dir")
+# trust_remote_code is consent, given on each command line: a checkpoint's saved value never grants it.
+NOT_INHERITED = ("model_name_or_path", "ref_model_name_or_path", "resume_from_checkpoint", "mesh", "output_dir",
+                 "trust_remote_code")
 DATASET_CHOICE = ("dataset_config", "dataset_train_split", "dataset_test_split", "data_format")  # with another dataset
 
 EVAL_KEYS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
@@ -45,10 +47,11 @@ def run_options(path: str) -> Options | None:
                            source=f"checkpoint {path}")
 
 
-def load_trained(path: str, mesh, dtype) -> tuple[nnx.Module, Options, int]:
+def load_trained(path: str, mesh, dtype, trust_remote_code: bool = False) -> tuple[nnx.Module, Options, int]:
     """(the trained policy with any LoRA adapters folded in, the run's options, the step) of a checkpoint:
     the one `path` names, or the newest that reads back whole (an unreadable one is passed over with a
-    warning). Only the parameters are read, not the optimizer state."""
+    warning). Only the parameters are read, not the optimizer state. `trust_remote_code` is this command's
+    consent to the base model's own config code, never the saved run's."""
     found = checkpoint.find(path)
     if found is None:
         raise UserError(f"{path} is not a dpo-jax checkpoint: give a run's output_dir, its checkpoints/ "
@@ -56,7 +59,7 @@ def load_trained(path: str, mesh, dtype) -> tuple[nnx.Module, Options, int]:
     directory, step = found
     manager = checkpoint.Checkpoints(directory, create=False)
     o = opts.from_saved(manager.saved_options(step), source=f"checkpoint {path}")
-    model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh)
+    model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh, trust_remote_code=trust_remote_code)
     if o.lora.use_peft:
         lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
                         seed=o.run.seed)
@@ -92,17 +95,19 @@ def evaluate(argv: list[str]) -> dict:
     o = with_layout(opts.from_dict({**inherited, **given}))
     mesh = make_mesh(**parse_mesh(o.run.mesh))
     dtype = compute_dtype(o)
+    trust = o.run.trust_remote_code
     if trained:
-        policy, _, step = load_trained(model_path, mesh, dtype)
-        tokenizer = load_tokenizer(trained.run.model_name_or_path)
+        policy, _, step = load_trained(model_path, mesh, dtype, trust)
+        tokenizer = load_tokenizer(trained.run.model_name_or_path, trust_remote_code=trust)
         ref_path = (o.run.ref_model_name_or_path or trained.run.ref_model_name_or_path
                     or trained.run.model_name_or_path)
         print(f"evaluating checkpoint step {step} of {model_path} against {ref_path}", file=sys.stderr)
     else:
-        policy, tokenizer = from_pretrained(model_path, dtype=dtype, mesh=mesh), load_tokenizer(model_path)
+        policy = from_pretrained(model_path, dtype=dtype, mesh=mesh, trust_remote_code=trust)
+        tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
         ref_path = o.run.ref_model_name_or_path or model_path
     graphdef, params = S.split_reference(policy)
-    ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh))
+    ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=trust))
     split = o.data.dataset_test_split
     if not split:
         raise UserError("evaluate needs a split: give --dataset_test_split (e.g. test, or \"train[90%:]\")")
@@ -140,13 +145,15 @@ def pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
     return rest, value
 
 
-def export(checkpoint_path: str, output_dir: str, mesh_spec: str = "fsdp=-1") -> str:
+def export(checkpoint_path: str, output_dir: str, mesh_spec: str = "fsdp=-1", trust_remote_code: bool = False) -> str:
     """`dpo-jax export`: a checkpoint to a Hugging Face directory (config, safetensors, tokenizer files),
-    adapters folded in, parameters in the dtype they were trained in."""
+    adapters folded in, parameters in the dtype they were trained in. `trust_remote_code`: this command's
+    consent to the base model's own config / tokenizer code (the run's saved option does not count)."""
     import jax.numpy as jnp
 
     mesh = make_mesh(**parse_mesh(mesh_spec))
-    model, o, step = load_trained(checkpoint_path, mesh, jnp.float32)
-    out = export_pretrained(model, output_dir, load_tokenizer(o.run.model_name_or_path))
+    model, o, step = load_trained(checkpoint_path, mesh, jnp.float32, trust_remote_code)
+    tokenizer = load_tokenizer(o.run.model_name_or_path, trust_remote_code=trust_remote_code)
+    out = export_pretrained(model, output_dir, tokenizer)
     print(f"exported step {step} of {checkpoint_path} (base {o.run.model_name_or_path}) to {out}")
     return out

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import logps as logps_module
 from . import losses, sharding
+from .config import check_range
 from .errors import UserError
 from .logps import packed_logps, sequence_logps, shared_prefix_logps
 from .losses import LossConfig, PairLogps
@@ -43,7 +44,17 @@ class OptimConfig:
     adam_beta1: float = 0.9  # AdamW
     adam_beta2: float = 0.999  # AdamW
     adam_epsilon: float = 1e-8  # AdamW
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None: no clipping
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None or 0: no clipping
+
+    def __post_init__(self):
+        check_range("learning_rate", self.learning_rate, 0)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("warmup_ratio", self.warmup_ratio, 0, 1)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("adam_beta1", self.adam_beta1, 0, 1, below=True)
+        check_range("adam_beta2", self.adam_beta2, 0, 1, below=True)
+        check_range("adam_epsilon", self.adam_epsilon, 0, above=True)  # 0 divides 0 by 0 where a gradient is 0
+        check_range("max_grad_norm", self.max_grad_norm, 0)  # 0: no clipping, as transformers
 
 
 @dataclass(frozen=True)

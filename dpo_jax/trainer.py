@@ -100,7 +100,8 @@ class Models(NamedTuple):
 
 
 def build_models(o: Options, mesh, dtype) -> Models:
-    policy = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh)
+    policy = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh,
+                             trust_remote_code=o.run.trust_remote_code)
     if o.lora.use_peft:
         if o.run.ref_model_name_or_path:
             raise UserError("use_peft trains adapters against their own base model, so ref_model_name_or_path "
@@ -114,7 +115,7 @@ def build_models(o: Options, mesh, dtype) -> Models:
         ref_graphdef, ref = S.split_reference(policy, o.run.gradient_checkpointing)
         ref, ref_config = jax.tree.map(jnp.copy, ref), policy.config
     else:
-        ref_model = from_pretrained(ref_path, dtype=dtype, mesh=mesh)
+        ref_model = from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=o.run.trust_remote_code)
         (ref_graphdef, ref), ref_config = S.split_reference(ref_model, o.run.gradient_checkpointing), ref_model.config
     graphdef, params = S.split_policy(policy, o.run.gradient_checkpointing)
     return Models(policy.config, graphdef, params, ref_graphdef, ref, ref_config)
@@ -159,11 +160,11 @@ class Trainer:
         use_compilation_cache(o.run.compilation_cache_dir)
         self.main = jax.process_index() == 0
         self.mesh = make_mesh(**parse_mesh(o.run.mesh))
-        config = load_config(o.run.model_name_or_path)
+        config = load_config(o.run.model_name_or_path, trust_remote_code=o.run.trust_remote_code)
         check_mesh(self.mesh, config, per_device_batch=o.run.per_device_train_batch_size)
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.global_batch = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
-        self.tokenizer = load_tokenizer(o.run.model_name_or_path)
+        self.tokenizer = load_tokenizer(o.run.model_name_or_path, trust_remote_code=o.run.trust_remote_code)
         pad = pad_id(self.tokenizer)
         self.train_pairs, _ = load_pairs(o.data, o.data.dataset_train_split, self.tokenizer)
         self.batches = BatchIterator(self.train_pairs, global_batch_size=self.global_batch, pad_token_id=pad,

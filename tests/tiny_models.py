@@ -83,3 +83,33 @@ def relative_error(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     """max |got - ref| / max |ref| over real (non-padding) positions."""
     valid = mask.astype(bool)
     return float(np.abs(got - ref)[valid].max() / np.abs(ref[valid]).max())
+
+
+def with_custom_code(directory, marker, model_type: str | None = None) -> str:
+    """`directory` (a saved model and tokenizer) made to ask for code of its own, as hub repos with custom
+    architectures do: config.json and tokenizer_config.json name classes (`auto_map`) in Python files of the
+    directory whose import appends the module's name (custom_config, custom_tokenizer) to the file `marker`.
+    `model_type` replaces config.json's (an unknown one leaves transformers no built-in class to fall back on)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    # transformers imports a copy from its modules cache: the marker's path is written in, not derived
+    write_marker = f"with open({str(marker)!r}, 'a') as f:\n    f.write(__name__.rpartition('.')[2] + '\\n')\n"
+    (directory / "custom_config.py").write_text(
+        write_marker + "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n"
+        f"    model_type = {model_type or 'llama'!r}\n")
+    (directory / "custom_tokenizer.py").write_text(
+        write_marker + "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_config.CustomConfig"}
+    if model_type:
+        config["model_type"] = model_type
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+    if model_type:
+        tokenizer["tokenizer_class"] = "CustomTokenizer"  # no built-in class of that name either
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2))
+    return str(directory)

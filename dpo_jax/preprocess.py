@@ -57,7 +57,12 @@ def _adds_bos(tokenizer, conversational: bool) -> bool:
     if bos is None:
         return False
     if conversational:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, return_dict=True)
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, return_dict=True)
+        except Exception as e:  # jinja2's TemplateSyntaxError, a template's raise_exception, ...
+            raise UserError(f"the chat template of {tokenizer.name_or_path or 'the tokenizer'} fails on a single "
+                            f"user message ({type(e).__name__}: {e}). Fix the template (chat_template.jinja or "
+                            f"tokenizer_config.json), or give the data as plain strings (the standard format).") from e
         return ids["input_ids"][:1] == [bos]
     return tokenizer("x")["input_ids"][:1] == [bos]
 

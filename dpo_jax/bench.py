@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any train option may follow (e.g. --pack_pairs pairs --precompute_ref_log_probs true). Defaults: "
                + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items()))
     parser.add_argument("--vs", choices=["trl"], help="also run TRL's DPOTrainer on the same model, data, settings")
-    parser.add_argument("--bench_epochs", type=_at_least(1), default=2, help="epochs to train; the last one is measured")
+    parser.add_argument("--bench_epochs", type=_at_least(1), default=2,
+                        help="epochs to train; the last one is measured")
     parser.add_argument("--bench_steps", type=_at_least(2), help="instead: train this many steps of one epoch and "
                         "measure those after the first that compiled nothing (for datasets too large for whole epochs)")
     parser.add_argument("--trl_gradient_checkpointing", default="false", choices=["true", "false"])

@@ -47,7 +47,8 @@ def _cached_reader(path: str, mtime: float):
         return gguf.GGUFReader(path)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}). The file is probably "
-                              f"truncated or damaged (an interrupted download or copy): download or copy it again.") from e
+                              f"truncated or damaged (an interrupted download or copy): download or copy it "
+                              f"again.") from e
 
 
 def _field(reader, key: str, default=None):

@@ -22,7 +22,7 @@ from .errors import UserError
 from .hf import export_pretrained, from_pretrained, load_tokenizer
 from .options import Options
 from .sharding import make_mesh, parse_mesh
-from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, step_config, with_layout
+from .trainer import check_reference_vocab, compute_dtype, eval_metrics, lora_targets, pad_id, step_config, with_layout
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def evaluate(argv: list[str]) -> dict:
         policy, tokenizer = from_pretrained(model_path, dtype=dtype, mesh=mesh), load_tokenizer(model_path)
         ref_path = o.run.ref_model_name_or_path or model_path
     graphdef, params = S.split_reference(policy)
+    check_reference_vocab(policy.config, model_path, ref_path)
     ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh))
     split = o.data.dataset_test_split
     if not split:

@@ -99,10 +99,13 @@ def _unreadable(file: str, kind: str, tensor: str | None = None):
     except CheckpointError:
         raise
     except Exception as e:
-        what = f"tensor {tensor} cannot be read" if tensor else f"not a readable {kind} file"
-        raise CheckpointError(
-            f"{file}: {what} ({type(e).__name__}: {_brief(e)}). The file is probably truncated or damaged "
-            f"(an interrupted download or copy): download or copy it again.") from e
+        damaged = "truncated or damaged (an interrupted download or copy): download or copy it again"
+        if tensor is None:
+            raise CheckpointError(f"{file}: not a readable {kind} file ({type(e).__name__}: {_brief(e)}). The file "
+                                  f"is probably {damaged}.") from e
+        raise CheckpointError(f"{file}: tensor {tensor} cannot be read ({type(e).__name__}: {_brief(e)}). The file "
+                              f"is {damaged}; or it stores the tensor in a dtype numpy cannot hold (float8, ...): "
+                              f"convert the checkpoint to float32, bfloat16 or float16.") from e
 
 
 def _brief(e: BaseException, limit: int = 300) -> str:

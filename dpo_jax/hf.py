@@ -188,7 +188,12 @@ def _hf_config(directory: str):
 
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
-        raise CheckpointError(f"{directory}: no config.json")
+        from .checkpoint import find
+
+        hint = (f": it is a dpo-jax run or checkpoint, not a model directory. `dpo-jax export --checkpoint "
+                f"{directory} --output_dir DIR` writes one to give here (evaluate and generate take the run itself)"
+                if find(directory) is not None else "")
+        raise CheckpointError(f"{directory}: no config.json{hint}")
     fields = _json_object(path)
     try:
         return transformers.AutoConfig.from_pretrained(directory)

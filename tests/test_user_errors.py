@@ -435,3 +435,12 @@ def test_reference_with_another_vocabulary(llama_dir, tmp_path, capsys, data):
     code, err = cli(capsys, "evaluate", "--model_name_or_path", llama_dir, "--ref_model_name_or_path", other,
                     "--dataset_name", data, "--dataset_test_split", "train")
     assert code == 2 and f"the reference {other} has a vocabulary of 96 tokens" in err and "one of 128" in err
+
+
+def test_training_from_a_run_directory_says_to_export_it(tmp_path, capsys):
+    """A dpo-jax run is not a model directory for train: the message says how to make one of it."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "5" / "options").mkdir(parents=True)
+    code, err = cli(capsys, "train", "--model_name_or_path", run, "--output_dir", tmp_path / "out")
+    assert code == 2 and f"{run}: no config.json: it is a dpo-jax run or checkpoint" in err
+    assert f"dpo-jax export --checkpoint {run} --output_dir DIR" in err

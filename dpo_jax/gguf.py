@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, lfs_pointer_hint
 from .namemap import NameMap
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -46,9 +46,9 @@ def _cached_reader(path: str, mtime: float):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}). The file is probably "
-                              f"truncated or damaged (an interrupted download or copy): download or copy it "
-                              f"again.") from e
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})." + (
+            lfs_pointer_hint(path) or " The file is probably truncated or damaged (an interrupted download or "
+                                      "copy): download or copy it again.")) from e
 
 
 def _field(reader, key: str, default=None):

@@ -24,7 +24,7 @@ from flax import nnx
 
 from . import sharding
 from .assets import smollm2_path
-from .errors import CheckpointError
+from .errors import CheckpointError, lfs_pointer_hint
 from .lora import merged_kernels
 from .models import config_from_hf, family
 from .namemap import NameMap
@@ -101,8 +101,8 @@ def _unreadable(file: str, kind: str, tensor: str | None = None):
     except Exception as e:
         damaged = "truncated or damaged (an interrupted download or copy): download or copy it again"
         if tensor is None:
-            raise CheckpointError(f"{file}: not a readable {kind} file ({type(e).__name__}: {_brief(e)}). The file "
-                                  f"is probably {damaged}.") from e
+            raise CheckpointError(f"{file}: not a readable {kind} file ({type(e).__name__}: {_brief(e)})."
+                                  + (lfs_pointer_hint(file) or f" The file is probably {damaged}.")) from e
         raise CheckpointError(f"{file}: tensor {tensor} cannot be read ({type(e).__name__}: {_brief(e)}). The file "
                               f"is {damaged}; or it stores the tensor in a dtype numpy cannot hold (float8, ...): "
                               f"convert the checkpoint to float32, bfloat16 or float16.") from e
@@ -173,8 +173,9 @@ def _json_object(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). The file is "
-                              f"damaged or was cut short: restore it from the original model.") from e
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})." + (
+            lfs_pointer_hint(path) or " The file is damaged or was cut short: restore it from the original "
+                                      "model.")) from e
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {_brief(e)}).") from e
     if not isinstance(value, dict):

@@ -125,6 +125,20 @@ def test_damaged_safetensors(model, damage, expected):
         dpo_jax.from_pretrained(str(model))
 
 
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 538090408\n")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_git_lfs_pointer_instead_of_the_file(model, name):
+    """A repository cloned without git-lfs: small text files where the weights (and often tokenizer.json) go."""
+    (model / name).write_bytes(LFS_POINTER)
+    load = dpo_jax.load_tokenizer if name == "tokenizer.json" else dpo_jax.from_pretrained
+    with pytest.raises(dpo_jax.CheckpointError, match=rf"{re.escape(name)}: .*It is a Git LFS pointer, not the file "
+                                                      rf"itself .*`git lfs pull`"):
+        load(str(model))
+
+
 def test_truncated_shard_is_named(sharded_dir, tmp_path, capsys):
     model = shutil.copytree(sharded_dir, tmp_path / "model")
     shard = sorted(model.glob("model-*.safetensors"))[2]

@@ -145,8 +145,16 @@ def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:
 
 
 def _save(path: Path, table: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref_logps.", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, table)
-    os.replace(tmp, path)
+    """Write atomically; a cache that cannot be written (read-only, full disk) costs only a later recompute."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref_logps.", suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, table)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        logger.warning("the reference log-probs could not be cached in %s (%s); this run goes on without the cache "
+                       "(set %s to a writable directory to keep it)", path.parent, e, CACHE_ENV)

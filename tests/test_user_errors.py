@@ -267,6 +267,19 @@ def test_damaged_reference_cache_is_recomputed(precomputed, tmp_path, caplog, da
     np.testing.assert_array_equal(np.load(path), first)  # the file replaced by the recomputed table
 
 
+def test_unwritable_reference_cache_is_passed_over(precomputed, tmp_path, caplog):
+    """A cache directory that cannot be made (here a file is in its way; a read-only home alike)."""
+    from dpo_jax import reference
+
+    graphdef, params, pairs, key, first, _ = precomputed
+    (tmp_path / "file").write_text("")
+    with caplog.at_level(logging.WARNING, logger="dpo_jax.reference"):
+        table = reference.precompute(graphdef, params, pairs, batch_size=5, pad_token_id=0,
+                                     cache_dirs=[tmp_path / "file" / "cache"], key=key)
+    assert f"could not be cached in {tmp_path / 'file' / 'cache'}" in caplog.text and "DPO_JAX_CACHE" in caplog.text
+    np.testing.assert_array_equal(table, first)
+
+
 # ------------------------------------------------------------------------------------------------- save_to_disk
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):

@@ -419,6 +419,18 @@ def test_chat_template_that_fails_on_any_conversation(tmp_path, capsys, conversa
     assert expected in err
 
 
+@pytest.mark.parametrize("extra,expected", [
+    ({"tools": "{not json"}, "row 2: field 'tools' is a string but not valid JSON"),
+    ({"chat_template_kwargs": "terse"}, "row 2: field 'chat_template_kwargs' is a str, expected an object"),
+], ids=["tools-not-json", "kwargs-not-an-object"])
+def test_bad_chat_template_arguments_name_the_row(tmp_path, capsys, tokenizer_dir, extra, expected):
+    path = tmp_path / "conv.jsonl"
+    good = {**CONV, **{k: None for k in extra}}
+    path.write_text("".join(json.dumps(row) + "\n" for row in (good, {**CONV, **extra}, good)))
+    code, err = cli(capsys, "audit", "--model_name_or_path", tokenizer_dir, "--dataset_name", path)
+    assert code == 2 and f"{path}, {expected}" in err
+
+
 def test_generate_chat_with_a_broken_template(tmp_path):
     from dpo_jax.generate import encode_prompts
 

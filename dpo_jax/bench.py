@@ -55,8 +55,19 @@ DEFAULTS = {"model_name_or_path": "builtin:smollm2", "dataset_name": "builtin:sa
 def summarize(steps: list[dict], epochs: int) -> dict:
     """Figures of the measured steps: those of the last epoch, or with a single epoch (`--bench_steps`) every
     step after the first that compiled nothing."""
+    if not steps:
+        raise UserError("the benchmark trained no step: give it data (--dataset_train_split) and --bench_epochs or "
+                        "--bench_steps of at least 1")
     last = max(s["epoch"] for s in steps)
+    if epochs > 1 and last < epochs - 1:
+        raise UserError(f"training stopped in epoch {last + 1} of {epochs} (after {len(steps)} steps: --max_steps?), "
+                        f"so the epoch to measure, the last, never ran. Drop --max_steps, or measure steps within "
+                        f"one epoch with --bench_steps N")
     measured = [s for s in steps if s["epoch"] == last] if epochs > 1 else [s for s in steps[1:] if not s["compiles"]]
+    if not measured:
+        raise UserError(f"no step to measure: of the {len(steps)} steps trained, the first and every one that "
+                        f"compiled a new batch shape are not timed, and that left none. Give a larger --bench_steps, "
+                        f"or measure a whole second epoch (--bench_epochs 2 without --bench_steps)")
     seconds = sum(s["seconds"] for s in measured)
     return {"measured_steps": len(measured), "seconds": seconds,
             "pairs_per_second": sum(s["pairs"] for s in measured) / seconds,
@@ -251,29 +262,34 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpo-jax bench", description=__doc__.splitlines()[0],
         epilog="Any train option may follow (e.g. --pack_pairs pairs --precompute_ref_log_probs true). Defaults: "
                + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items()))
     parser.add_argument("--vs", choices=["trl"], help="also run TRL's DPOTrainer on the same model, data, settings")
-    parser.add_argument("--bench_epochs", type=_at_least_one, default=2, help="epochs to train; the last one is measured")
-    parser.add_argument("--bench_steps", type=_at_least_one, help="instead: train this many steps of one epoch and measure "
-                        "those that compiled nothing (for datasets too large for whole epochs)")
+    parser.add_argument("--bench_epochs", type=_at_least(1), default=2,
+                        help="epochs to train; the last one is measured")
+    parser.add_argument("--bench_steps", type=_at_least(2), help="instead: train this many steps of one epoch and "
+                        "measure those after the first that compiled nothing (for datasets too large for whole epochs)")
     parser.add_argument("--trl_gradient_checkpointing", default="false", choices=["true", "false"])
     parser.add_argument("--output_json", help="write every figure (and per-step times) here")
     parser.add_argument("--work_dir", help="keep the runs' logs here (default: a temporary directory)")
     return parser
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number >= low (the first step compiles, so --bench_steps 1 measures nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def main(argv: list[str]) -> int:

@@ -72,6 +72,16 @@ def _parse_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _optional(convert):
     def parse(text: str):
         return None if text.lower() == "none" else convert(text)
@@ -140,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("audit", help="load, validate and tokenize a preference dataset and print its data audit")
     check.add_argument("--model_name_or_path", help="model or tokenizer directory, repo id or .gguf (default: SmolLM2)")
     check.add_argument("--output_dir", help="also write data_audit.json here")
-    check.add_argument("--per_device_train_batch_size", type=int, default=8, help="pairs per batch (one device) for the bucket and padding figures")
+    check.add_argument("--per_device_train_batch_size", type=_positive_int, default=8,
+                       help="pairs per batch (one device) for the bucket and padding figures")
     _add_config_options(check, DataConfig)
     _add_trust_remote_code(check)
     check.set_defaults(run=_audit)
@@ -215,8 +226,13 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere, also after the subcommand (whose own parsers do not know it).
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.debug = debug
     if args.command not in ("train", "evaluate", "bench", "demo") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.options = rest
@@ -227,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dpo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or compiling (training itself stops at a step boundary)
+        if args.debug:
+            raise
+        print(f"dpo-jax {args.command}: interrupted", file=sys.stderr)
+        return 130  # as a shell reports a process killed by SIGINT
     return status or 0
 
 

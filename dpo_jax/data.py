@@ -70,7 +70,7 @@ def load_split(name: str, split: str, *, config_name: str | None = None, on_bad_
     if path.exists() and not os.access(path, os.R_OK):
         raise UserError(f"cannot read {path}: permission denied. Check the file's permissions.")
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        saved = datasets.load_from_disk(str(path))
+        saved = _load_from_disk(path)
         return _whole_splits(dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved},
                              split, str(path))
     if path.is_file():
@@ -87,6 +87,18 @@ def load_split(name: str, split: str, *, config_name: str | None = None, on_bad_
     else:
         return _hub(name, config_name, split)
     return _local(files, split, str(path), on_bad_row)
+
+
+def _load_from_disk(path: Path):
+    """A `save_to_disk` folder; one whose files are missing or damaged is a UserError naming it."""
+    try:
+        with _quiet("datasets"):
+            return datasets.load_from_disk(str(path))
+    except Exception as e:  # FileNotFoundError (data files gone), JSONDecodeError / KeyError (state.json), ArrowInvalid
+        raise UserError(f"{path}: a Dataset.save_to_disk folder whose files are missing or damaged "
+                        f"({type(e).__name__}: {_first_line(e)}). Save the dataset again with "
+                        f"Dataset.save_to_disk (or DatasetDict.save_to_disk) into an empty folder, or give the data "
+                        f"files themselves (JSON Lines, Parquet, ...).") from e
 
 
 def _local(files: dict[str, list[str]], spec: str, name: str, on_bad_row: str) -> Split:

@@ -117,8 +117,12 @@ def encode_prompts(tokenizer, texts: Sequence[str], chat: bool) -> list[list[int
     out = []
     for text in texts:
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True)
+            try:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=True)
+            except Exception as e:  # jinja2's TemplateSyntaxError, a template's raise_exception, ...
+                raise UserError(f"--chat: the tokenizer's chat template fails on the prompt {text[:60]!r} "
+                                f"({type(e).__name__}: {e}). Fix the template, or leave out --chat.") from e
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         else:
             ids = tokenizer(text)["input_ids"]
@@ -172,6 +176,10 @@ def end_of_sequence_ids(path: str, tokenizer) -> tuple[int, ...]:
     if os.path.isfile(config):
         import json
 
-        value = json.loads(open(config).read()).get("eos_token_id")
+        try:
+            value = json.loads(open(config, encoding="utf-8").read()).get("eos_token_id")
+        except (ValueError, AttributeError) as e:  # not JSON, or not an object
+            raise UserError(f"{config}: not a JSON object ({type(e).__name__}: {e}). Restore it from the original "
+                            f"model, or delete it (it only adds end-of-sequence ids).") from e
         ids += [value] if isinstance(value, int) else list(value or [])
     return tuple(dict.fromkeys(ids))

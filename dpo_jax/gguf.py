@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, lfs_pointer_hint
 from .namemap import NameMap
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -46,7 +46,9 @@ def _cached_reader(path: str, mtime: float):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})." + (
+            lfs_pointer_hint(path) or " The file is probably truncated or damaged (an interrupted download or "
+                                      "copy): download or copy it again.")) from e
 
 
 def _field(reader, key: str, default=None):
@@ -60,6 +62,14 @@ def _architecture(reader, path: str) -> str:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
+
+
+def _require(reader, path: str, keys: list[str]) -> None:
+    missing = [k for k in keys if k not in reader.fields]
+    if missing:
+        raise CheckpointError(f"{path}: this GGUF file lacks the metadata {', '.join(missing)}, which a model "
+                              f"needs; it was not written by llama.cpp's converter, or is damaged. Convert the "
+                              f"model again, or use its Hugging Face directory.")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -77,6 +87,11 @@ def read_config(path: str):
     def md(key, default=None):
         return _field(reader, f"{arch}.{key}", default)
 
+    required = [f"{arch}.{k}" for k in ("attention.head_count", "embedding_length", "feed_forward_length",
+                                         "block_count")]
+    if md("vocab_size") is None:
+        required.append("tokenizer.ggml.tokens")  # its length is the vocabulary size then
+    _require(reader, path, required)
     heads = md("attention.head_count")
     hidden = md("embedding_length")
     names = {t.name for t in reader.tensors}
@@ -107,7 +122,12 @@ def read_checkpoint(path: str):
         n_head = next((n for proj, n in heads.items() if f".{proj}." in name), None)
 
         def read(tensor=tensor, shape=shape, n_head=n_head):
-            w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            try:
+                w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            except Exception as e:  # a quantisation type the gguf package cannot dequantise, damaged data
+                raise CheckpointError(f"{path}: tensor {tensor.name} ({tensor.tensor_type.name}) cannot be read "
+                                      f"({type(e).__name__}: {e}). Use a GGUF file of another quantisation "
+                                      f"(F32, F16, Q8_0, Q4_K, ...) or the model's safetensors.") from e
             return _unpermute(w, n_head) if n_head else w
 
         tensors[name] = (shape, read)
@@ -121,6 +141,7 @@ def read_tokenizer(path: str):
 
     reader = _reader(path)
     arch = _architecture(reader, path)
+    _require(reader, path, ["tokenizer.ggml.model", "tokenizer.ggml.tokens"])
     found = {group: {name: _field(reader, f"tokenizer.{key}") for key, name in keys.items()
                      if f"tokenizer.{key}" in reader.fields}
              for group, keys in GGUF_TOKENIZER_MAPPING.items()}
@@ -133,5 +154,9 @@ def read_tokenizer(path: str):
                          ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
         if tokenizer_dict.get(key) is not None:
             tokenizer_config[special] = tokens[tokenizer_dict[key]]
-    backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
+    try:
+        backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
+    except Exception as e:  # a tokenizer model transformers cannot convert, inconsistent metadata
+        raise CheckpointError(f"{path}: transformers cannot rebuild the tokenizer from this GGUF file's metadata "
+                              f"({type(e).__name__}: {e}). Use the model's Hugging Face directory instead.") from e
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

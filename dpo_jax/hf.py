@@ -8,6 +8,7 @@ and every parameter must be used exactly once; anything else is an error that na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from flax import nnx
 
 from . import sharding
 from .assets import smollm2_path
-from .errors import CheckpointError
+from .errors import CheckpointError, lfs_pointer_hint
 from .lora import merged_kernels
 from .models import config_from_hf, family
 from .namemap import NameMap
@@ -67,7 +68,7 @@ def _safetensors(weight_map: dict[str, str]) -> Tensors:
 
     tensors: Tensors = {}
     for file in sorted(set(weight_map.values())):
-        with safe_open(file, framework="numpy") as f:
+        with _unreadable(file, "safetensors"), safe_open(file, framework="numpy") as f:
             present = set(f.keys())
             for name in (n for n, where in weight_map.items() if where == file):
                 if name not in present:
@@ -75,7 +76,7 @@ def _safetensors(weight_map: dict[str, str]) -> Tensors:
                 shape = tuple(f.get_slice(name).get_shape())
 
                 def read(file=file, name=name):
-                    with safe_open(file, framework="numpy") as g:
+                    with _unreadable(file, "safetensors", name), safe_open(file, framework="numpy") as g:
                         return g.get_tensor(name)
 
                 tensors[name] = (shape, read)
@@ -85,8 +86,32 @@ def _safetensors(weight_map: dict[str, str]) -> Tensors:
 def _single_safetensors(file: str) -> dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(file, framework="numpy") as f:
+    with _unreadable(file, "safetensors"), safe_open(file, framework="numpy") as f:
         return {name: file for name in f.keys()}
+
+
+@contextlib.contextmanager
+def _unreadable(file: str, kind: str, tensor: str | None = None):
+    """Any failure to parse a weights file (truncated by an interrupted download or copy, overwritten, a dtype
+    numpy cannot hold) as a CheckpointError that names the file, and the tensor when one was being read."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        damaged = "truncated or damaged (an interrupted download or copy): download or copy it again"
+        if tensor is None:
+            raise CheckpointError(f"{file}: not a readable {kind} file ({type(e).__name__}: {_brief(e)})."
+                                  + (lfs_pointer_hint(file) or f" The file is probably {damaged}.")) from e
+        raise CheckpointError(f"{file}: tensor {tensor} cannot be read ({type(e).__name__}: {_brief(e)}). The file "
+                              f"is {damaged}; or it stores the tensor in a dtype numpy cannot hold (float8, ...): "
+                              f"convert the checkpoint to float32, bfloat16 or float16.") from e
+
+
+def _brief(e: BaseException, limit: int = 300) -> str:
+    """A library's error message as one short line (some span paragraphs)."""
+    text = " ".join(str(e).split())
+    return (text[:limit] + (" ..." if len(text) > limit else "")) if text else type(e).__name__
 
 
 def _flax_msgpack(file: str) -> Tensors:
@@ -98,12 +123,16 @@ def _flax_msgpack(file: str) -> Tensors:
     from flax.serialization import msgpack_restore
     from flax.traverse_util import flatten_dict
 
-    with open(file, "rb") as f:
-        params = msgpack_restore(f.read())
-    if set(params) == {"params"}:
-        params = params["params"]
+    with _unreadable(file, "Flax msgpack"):
+        with open(file, "rb") as f:
+            params = msgpack_restore(f.read())
+        if set(params) == {"params"}:
+            params = params["params"]
+        flat = flatten_dict(params)
+        if not all(isinstance(a, np.ndarray) for a in flat.values()):
+            raise ValueError("expected a nested dictionary of arrays")
     tensors: Tensors = {}
-    for path, array in flatten_dict(params).items():
+    for path, array in flat.items():
         *module, leaf = (str(p) for p in path)
         name = ".".join(module + ["bias" if leaf == "bias" else "weight"])
         if leaf == "kernel":
@@ -118,8 +147,13 @@ def _checkpoint(directory: str) -> Tensors:
     single = os.path.join(directory, "model.safetensors")
     msgpack = os.path.join(directory, "flax_model.msgpack")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = {name: os.path.join(directory, file) for name, file in json.load(f)["weight_map"].items()}
+        try:
+            weight_map = {name: os.path.join(directory, file)
+                          for name, file in _json_object(index)["weight_map"].items()}
+        except (KeyError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file}}}}; the file is "
+                                  f"damaged: download or copy it again, or remove it if model.safetensors holds "
+                                  f"every tensor.") from e
         missing = sorted({f for f in weight_map.values() if not os.path.exists(f)})
         if missing:
             raise CheckpointError(f"{index} lists shard files that are not there: {', '.join(missing)}")
@@ -161,22 +195,49 @@ def _warn_custom_code_not_run(file: str, reference: str | None, what: str) -> No
                        "transformers' built-in class", file, reference, what)
 
 
+def _json_object(path: str) -> dict:
+    """A JSON file that must hold an object; anything else is a CheckpointError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})." + (
+            lfs_pointer_hint(path) or " The file is damaged or was cut short: restore it from the original "
+                                      "model.")) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {_brief(e)}).") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a JSON {type(value).__name__}. Restore the "
+                              f"file from the original model.")
+    return value
+
+
 def _hf_config(directory: str, trust_remote_code: bool = False):
     import transformers
 
-    file = os.path.join(directory, "config.json")
-    if not os.path.exists(file):
-        raise CheckpointError(f"{directory}: no config.json")
-    custom = _custom_code(file, "AutoConfig")
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        from .checkpoint import find
+
+        hint = (f": it is a dpo-jax run or checkpoint, not a model directory. `dpo-jax export --checkpoint "
+                f"{directory} --output_dir DIR` writes one to give here (evaluate and generate take the run itself)"
+                if find(directory) is not None else "")
+        raise CheckpointError(f"{directory}: no config.json{hint}")
+    fields = _json_object(path)
+    custom = _custom_code(path, "AutoConfig")
     try:
         # Always explicit: with None, transformers asks on standard input whether to run a model's own code.
         config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=bool(trust_remote_code))
-    except (ValueError, KeyError) as e:
+    except Exception as e:  # ValueError, KeyError, OSError, huggingface_hub's StrictDataclassError (bad values)...
         if custom and not trust_remote_code:
-            raise _refuse_custom_code(file, custom) from e
-        raise CheckpointError(f"{directory}/config.json: transformers cannot read it: {e}") from e
+            raise _refuse_custom_code(path, custom) from e
+        if "model_type" not in fields:
+            raise CheckpointError(f"{path}: no \"model_type\" key, so the architecture is unknown. A transformers "
+                                  f"config.json names it (\"llama\", \"qwen2\", ...): restore the file from the "
+                                  f"original model.") from e
+        raise CheckpointError(f"{path}: transformers cannot read it: {_brief(e)}") from e
     if not trust_remote_code:
-        _warn_custom_code_not_run(file, custom, "the config")
+        _warn_custom_code_not_run(path, custom, "the config")
     return config
 
 
@@ -312,18 +373,37 @@ def load_tokenizer(path_or_repo_id: str, *, trust_remote_code: bool = False):
         return gguf.read_tokenizer(location)
     import transformers
 
+    _check_tokenizer_files(location)
     file = os.path.join(location, "tokenizer_config.json")
     custom = _custom_code(file, "AutoTokenizer")
     try:
         # Always explicit: with None, transformers asks on standard input whether to run a model's own code.
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=bool(trust_remote_code))
-    except ValueError as e:
+    except Exception as e:  # ValueError, TypeError, OSError...: whatever the files' contents make it raise
         if custom and not trust_remote_code:
             raise _refuse_custom_code(file, custom) from e
-        raise
+        raise CheckpointError(
+            f"{location}: transformers cannot build a tokenizer from it ({type(e).__name__}: {_brief(e)}). "
+            f"{_TOKENIZER_HINT}") from e
     if not trust_remote_code:
         _warn_custom_code_not_run(file, custom, "the tokenizer")
     return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tokenizer.tiktoken")
+_TOKENIZER_HINT = ("A model directory needs tokenizer.json (with tokenizer_config.json), or a slow tokenizer's "
+                   "vocabulary (tokenizer.model, vocab.json + merges.txt, vocab.txt): copy them from the model it "
+                   "came from, or write them with tokenizer.save_pretrained(directory).")
+
+
+def _check_tokenizer_files(directory: str) -> None:
+    """Fail with the directory's name when it has no tokenizer, or a tokenizer JSON file that does not parse."""
+    if not any(os.path.exists(os.path.join(directory, name)) for name in _TOKENIZER_FILES):
+        raise CheckpointError(f"{directory}: no tokenizer files. {_TOKENIZER_HINT}")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(directory, name)):
+            _json_object(os.path.join(directory, name))
 
 
 def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, bool]]:

@@ -193,11 +193,14 @@ def load_yaml(path: str) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--config {path}: no such file")
+        raise UserError(f"--config {path}: " + ("a directory: give the YAML file in it" if p.is_dir() else
+                                                 "no such file"))
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"--config {path} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path} is not UTF-8 text ({e}); save it as UTF-8") from e
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of option names to values, not a {type(data).__name__}")
     return data

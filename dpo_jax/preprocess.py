@@ -57,7 +57,12 @@ def _adds_bos(tokenizer, conversational: bool) -> bool:
     if bos is None:
         return False
     if conversational:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, return_dict=True)
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, return_dict=True)
+        except Exception as e:  # jinja2's TemplateSyntaxError, a template's raise_exception, ...
+            raise UserError(f"the chat template of {tokenizer.name_or_path or 'the tokenizer'} fails on a single "
+                            f"user message ({type(e).__name__}: {e}). Fix the template (chat_template.jinja or "
+                            f"tokenizer_config.json), or give the data as plain strings (the standard format).") from e
         return ids["input_ids"][:1] == [bos]
     return tokenizer("x")["input_ids"][:1] == [bos]
 
@@ -82,7 +87,7 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, implicit: bool
         rejecteds.append(rejected)
 
     if conversational:
-        template_args = _template_args(batch)
+        template_args = _template_args(batch, sources)
         try:
             prompt_ids = _render(tokenizer, prompts, template_args, add_generation_prompt=True)
             full_chosen = _render(tokenizer, [p + c for p, c in zip(prompts, chosens)], template_args)
@@ -114,15 +119,24 @@ def _tokenize_batch(batch: dict, tokenizer, conversational: bool, implicit: bool
     return out
 
 
-def _template_args(batch: dict) -> list[dict] | None:
+def _template_args(batch: dict, sources: list[str]) -> list[dict] | None:
     """Per-row keyword arguments of the chat template (TRL's `tools` and `chat_template_kwargs` columns)."""
     if not any(c in batch for c in PASSED_THROUGH):
         return None
     args = []
     for i in range(len(batch[ROW])):
+        where = f"{sources[batch[FILE][i]]}, row {batch[ROW][i]}"
         tools = batch.get("tools", [None] * (i + 1))[i]
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        args.append({"tools": tools, **(batch.get("chat_template_kwargs", [None] * (i + 1))[i] or {})})
+        try:
+            tools = json.loads(tools) if isinstance(tools, str) else tools
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: field 'tools' is a string but not valid JSON ({e}). Give the tools as a list "
+                            f"of JSON schemas, or as that list written as a JSON string.") from e
+        kwargs = batch.get("chat_template_kwargs", [None] * (i + 1))[i] or {}
+        if not isinstance(kwargs, dict):
+            raise UserError(f"{where}: field 'chat_template_kwargs' is a {type(kwargs).__name__}, expected an object "
+                            f"of keyword arguments for the chat template (e.g. {{\"enable_thinking\": false}}).")
+        args.append({"tools": tools, **kwargs})
     return args
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from flax import nnx
 from .batching import BatchIterator, Pairs
 
 CACHE_ENV = "DPO_JAX_CACHE"  # default: ~/.cache/dpo_jax
+logger = logging.getLogger(__name__)
 FORMAT = "ref-logps-v2"  # part of every key: change it when the log-prob computation changes
 
 
@@ -139,13 +141,28 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
 
 
 def _cached(cache_dirs, key: str | None, n_pairs: int) -> np.ndarray | None:
+    """The first usable table under `key`. A damaged file (cut short by a full disk, overwritten) is reported and
+    passed over: the table is then computed again and written over it (atomically)."""
     for d in cache_dirs:
         path = Path(d) / f"{key}.npy"
-        if key and path.exists():
-            table = np.load(path)
-            if table.shape == (n_pairs, 2) and table.dtype == np.float32 and np.isfinite(table).all():
-                return table
+        if not (key and path.exists()):
+            continue
+        try:
+            table = np.load(path, allow_pickle=False)
+            problem = _table_problem(table, n_pairs)
+        except Exception as e:  # ValueError, EOFError, OSError: cut short, or not a .npy file at all
+            problem = f"cannot be read ({type(e).__name__}: {e})"
+        if problem is None:
+            return table
+        logger.warning("the reference log-prob cache %s is damaged: it %s. The reference log-probs are computed "
+                       "again and the file replaced.", path, problem)
     return None
+
+
+def _table_problem(table: np.ndarray, n_pairs: int) -> str | None:
+    if table.shape != (n_pairs, 2) or table.dtype != np.float32:
+        return f"holds a {table.dtype} array of shape {table.shape}, not float32 [{n_pairs}, 2]"
+    return None if np.isfinite(table).all() else "holds non-finite values"
 
 
 def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:
@@ -158,8 +175,16 @@ def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:
 
 
 def _save(path: Path, table: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref_logps.", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, table)
-    os.replace(tmp, path)
+    """Write atomically; a cache that cannot be written (read-only, full disk) costs only a later recompute."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref_logps.", suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, table)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        logger.warning("the reference log-probs could not be cached in %s (%s); this run goes on without the cache "
+                       "(set %s to a writable directory to keep it)", path.parent, e, CACHE_ENV)

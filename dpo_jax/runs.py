@@ -22,7 +22,8 @@ from .errors import UserError
 from .hf import export_pretrained, from_pretrained, load_tokenizer
 from .options import Options
 from .sharding import make_mesh, parse_mesh
-from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, step_config, with_layout
+from .trainer import (check_reference_vocab, compute_dtype, eval_metrics, lora_targets, pad_id, step_config,
+                      with_layout)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def evaluate(argv: list[str]) -> dict:
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
         ref_path = o.run.ref_model_name_or_path or model_path
     graphdef, params = S.split_reference(policy)
+    check_reference_vocab(policy.config, model_path, ref_path, trust)
     ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=trust))
     split = o.data.dataset_test_split
     if not split:

@@ -99,6 +99,17 @@ class Models(NamedTuple):
     ref_config: Any
 
 
+def check_reference_vocab(policy_config, model_path: str, ref_path: str, trust_remote_code: bool = False) -> None:
+    """A reference with another vocabulary scores other tokens (and ids past its end come out NaN): refuse it
+    before its weights are read."""
+    ref_vocab = load_config(ref_path, trust_remote_code=trust_remote_code).vocab_size
+    if ref_vocab != policy_config.vocab_size:
+        raise UserError(f"the reference {ref_path} has a vocabulary of {ref_vocab} tokens, the model {model_path} "
+                        f"one of {policy_config.vocab_size}: the reference must share the model's tokenizer "
+                        f"(usually it is the model before training). Give a matching ref_model_name_or_path, or "
+                        f"leave it out to use the model itself.")
+
+
 def build_models(o: Options, mesh, dtype) -> Models:
     policy = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh,
                              trust_remote_code=o.run.trust_remote_code)
@@ -115,6 +126,7 @@ def build_models(o: Options, mesh, dtype) -> Models:
         ref_graphdef, ref = S.split_reference(policy, o.run.gradient_checkpointing)
         ref, ref_config = jax.tree.map(jnp.copy, ref), policy.config
     else:
+        check_reference_vocab(policy.config, o.run.model_name_or_path, ref_path, o.run.trust_remote_code)
         ref_model = from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=o.run.trust_remote_code)
         (ref_graphdef, ref), ref_config = S.split_reference(ref_model, o.run.gradient_checkpointing), ref_model.config
     graphdef, params = S.split_policy(policy, o.run.gradient_checkpointing)

@@ -41,38 +41,29 @@ def run_options(path: str) -> Options | None:
     if found is None:
         return None
     directory, step = found
-    return opts.from_saved(checkpoint.Checkpoints(directory, create=False).saved_options(step),
-                           source=f"checkpoint {path}")
+    with checkpoint.Checkpoints(directory, create=False) as checkpoints:
+        return opts.from_saved(checkpoints.saved_options(step), source=f"checkpoint {path}")
 
 
 def load_trained(path: str, mesh, dtype) -> tuple[nnx.Module, Options, int]:
     """(the trained policy with any LoRA adapters folded in, the run's options, the step) of a checkpoint:
-    the one `path` names, or the newest that reads back whole (an unreadable one is passed over with a
-    warning). Only the parameters are read, not the optimizer state."""
+    the one `path` names, or the newest intact one (a damaged one is passed over with a warning, and left where
+    it is). Only the parameters are read, not the optimizer state."""
     found = checkpoint.find(path)
     if found is None:
         raise UserError(f"{path} is not a dpo-jax checkpoint: give a run's output_dir, its checkpoints/ "
                         f"directory, or one checkpoints/<step> directory")
     directory, step = found
-    manager = checkpoint.Checkpoints(directory, create=False)
-    o = opts.from_saved(manager.saved_options(step), source=f"checkpoint {path}")
-    model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh)
-    if o.lora.use_peft:
-        lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
-                        seed=o.run.seed)
-    target = checkpoint.abstract(nnx.state(model, nnx.LoRAParam if o.lora.use_peft else nnx.Param))
-    for s in [step] if step is not None else manager.steps()[::-1]:
-        try:
-            params = manager.restore_params(target, s)
-        except UserError:
-            if step is not None:
-                raise
-            log.warning("checkpoint %s in %s cannot be read; trying the one before", s, directory)
-            continue
-        nnx.update(model, params)
-        manager.close()
-        return (lora.merge(model) if o.lora.use_peft else model), o, s
-    raise UserError(f"none of the checkpoints in {directory} can be read")
+    with checkpoint.Checkpoints(directory, create=False) as checkpoints:
+        o = opts.from_saved(checkpoints.saved_options(step), source=f"checkpoint {path}")
+        model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh)
+        if o.lora.use_peft:
+            lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
+                            seed=o.run.seed)
+        target = checkpoint.abstract(nnx.state(model, nnx.LoRAParam if o.lora.use_peft else nnx.Param))
+        step, params = checkpoints.restore_params(target, step)
+    nnx.update(model, params)
+    return (lora.merge(model) if o.lora.use_peft else model), o, step
 
 
 def evaluate(argv: list[str]) -> dict:

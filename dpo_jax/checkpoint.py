@@ -222,10 +222,13 @@ class Checkpoints:
     def _check_fits(self, step: int, target) -> None:
         """UserError when the saved arrays have other shapes than `target`'s (the run's options changed the
         model, LoRA or optimizer): not damage, so the checkpoint stays where it is."""
-        metadata = self.manager.item_metadata(step)["state"]
-        saved = getattr(metadata, "tree", None)
+        handler = ocp.PyTreeCheckpointHandler()  # the manager knows its items' handlers only after a restore
+        try:
+            saved = getattr(handler.metadata(self.directory / str(step) / "state"), "tree", None)
+        finally:
+            handler.close()
         if not saved:
-            raise Damaged("its state metadata is missing")
+            raise Damaged("its state metadata is empty")
         if isinstance(target, dict):  # a partial restore: compare those subtrees only
             saved = {k: saved.get(k) for k in target}
         have, want = _shapes(saved), _shapes(target)

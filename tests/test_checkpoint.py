@@ -2,6 +2,7 @@
 state) moved aside and fallen back past, storage errors retried and reported, a full disk while saving."""
 
 import errno
+import json
 import logging
 import shutil
 import threading
@@ -237,3 +238,33 @@ def test_a_failure_leaves_no_threads_behind_and_a_save_in_flight_completes(tmp_p
         with Checkpoints(tmp_path / "ckpt", create=False) as again:  # resume's
             again.restore(abstract(state))
     assert [t.name for t in set(threading.enumerate()) - before if t.is_alive()] == []
+
+
+def test_train_resumes_past_a_damaged_optimizer_state_and_stops_when_none_is_intact(tmp_path, capsys, caplog):
+    """`dpo-jax train` end to end: a flipped byte in the newest checkpoint's optimizer state is found, that
+    checkpoint moved aside and the run resumed from the one before (exit 0); damage in every checkpoint stops it
+    (exit 2). Storage errors: test_a_storage_error_is_retried_then_reported_and_nothing_moves."""
+    from dpo_jax.cli import main
+    from test_trainer import tiny_model
+
+    out = tmp_path / "run"
+    train = ["train", "--model_name_or_path", tiny_model(tmp_path / "model"), "--output_dir", str(out),
+             "--per_device_train_batch_size", "1", "--max_length", "128", "--dataset_test_split", "none",
+             "--report_to", "none", "--save_steps", "1", "--logging_steps", "1", "--max_steps"]
+    assert main([*train, "2"]) == 0
+    changed = flip_bytes_of(out / "checkpoints" / "2", "opt_state")
+
+    with caplog.at_level(logging.WARNING):
+        assert main([*train, "3", "--resume_from_checkpoint", "true"]) == 0
+    aside = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("damaged-2-")]
+    assert len(aside) == 1 and "checkpoint 2 " in caplog.text and changed in caplog.text and aside[0] in caplog.text
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # steps 2 and 3 trained again, from 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+
+    for s in (1, 2, 3):
+        flip_bytes_of(out / "checkpoints" / str(s), "opt_state")
+    capsys.readouterr()
+    assert main([*train, "4", "--resume_from_checkpoint", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the checkpoints" in err and "not deleted" in err and "Traceback" not in err

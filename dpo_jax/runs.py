@@ -19,7 +19,7 @@ from . import options as opts
 from . import step as S
 from .batching import BatchIterator, load_pairs
 from .errors import UserError
-from .hf import export_pretrained, from_pretrained, load_tokenizer
+from .hf import check_export_target, export_pretrained, from_pretrained, load_tokenizer
 from .options import Options
 from .sharding import make_mesh, parse_mesh
 from .trainer import compute_dtype, eval_metrics, lora_targets, pad_id, step_config, with_layout
@@ -132,12 +132,20 @@ def pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
 
 
 def export(checkpoint_path: str, output_dir: str, mesh_spec: str = "fsdp=-1") -> str:
-    """`dpo-jax export`: a checkpoint to a Hugging Face directory (config, safetensors, tokenizer files),
-    adapters folded in, parameters in the dtype they were trained in."""
+    """`dpo-jax export`: a checkpoint to a Hugging Face directory (config, safetensors, tokenizer files, the base
+    model's generation_config.json), adapters folded in, parameters in the dtype they were trained in. The
+    directory is replaced as a whole; it may not be the base or reference model's, nor the run's checkpoints."""
     import jax.numpy as jnp
 
+    saved, protected = run_options(checkpoint_path), {}
+    if saved is not None:  # refused before the model is loaded
+        protected = {"the run's checkpoints": str(checkpoint.find(checkpoint_path)[0])}
+        if saved.run.ref_model_name_or_path and Path(saved.run.ref_model_name_or_path).exists():
+            protected["the reference model"] = saved.run.ref_model_name_or_path
+        check_export_target(output_dir, saved.run.model_name_or_path, protected)
     mesh = make_mesh(**parse_mesh(mesh_spec))
     model, o, step = load_trained(checkpoint_path, mesh, jnp.float32)
-    out = export_pretrained(model, output_dir, load_tokenizer(o.run.model_name_or_path))
+    out = export_pretrained(model, output_dir, load_tokenizer(o.run.model_name_or_path),
+                            source=o.run.model_name_or_path, protected=protected)
     print(f"exported step {step} of {checkpoint_path} (base {o.run.model_name_or_path}) to {out}")
     return out

@@ -154,3 +154,39 @@ def test_export_refuses_the_source_a_protected_path_a_file_and_a_foreign_directo
     with pytest.raises(dpo_jax.UserError, match="holds other things than an exported model .*todo.txt"):
         dpo_jax.export_pretrained(model, str(tmp_path / "notes"))
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "x"
+
+
+def test_export_command_refuses_the_base_model_the_run_and_a_file(tmp_path, capsys):
+    """`dpo-jax export` of a run's checkpoint (saved here without training: the base weights): refused into the
+    base model's directory, the run's own directory and an existing file (exit 2, nothing touched); into a new
+    directory it carries the base model's generation_config.json."""
+    from dpo_jax import options
+    from dpo_jax import step as S
+    from dpo_jax.checkpoint import Checkpoints
+    from dpo_jax.cli import main
+
+    base = tmp_path / "base"
+    make_model("llama", seed=15).save_pretrained(base)
+    transformers.GenerationConfig(eos_token_id=3, max_new_tokens=17).save_pretrained(base)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(128)},
+                                                                          unk_token="w0")), unk_token="w0")
+    tokenizer.save_pretrained(base)
+    run = tmp_path / "run"
+    o = options.parse(["--model_name_or_path", str(base), "--output_dir", str(run)])
+    _, params = S.split_policy(dpo_jax.from_pretrained(str(base)), False)
+    with Checkpoints(run / "checkpoints") as ckpt:
+        ckpt.save(1, S.init_state(params, S.make_optimizer(o.optim, 10)), {}, options.to_dict(o))
+    before = sorted(p.name for p in base.iterdir())
+    (tmp_path / "file").write_text("x")
+    for target, message in ((base, "would write over the source model"), (run, "would write over the run's"),
+                            (tmp_path / "file", "is an existing file")):
+        assert main(["export", "--checkpoint", str(run), "--output_dir", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in base.iterdir()) == before and (tmp_path / "file").read_text() == "x"
+    assert main(["export", "--checkpoint", str(run), "--output_dir", str(run / "hf")]) == 0
+    assert transformers.GenerationConfig.from_pretrained(run / "hf").max_new_tokens == 17
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                             "model.safetensors", "tokenizer.json",
+                                                             "tokenizer_config.json"]

@@ -84,7 +84,7 @@ class Checkpoints:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position),
                 options=ocp.args.JsonSave(options)), force=True)
-            if not self.asynchronous:
+            if not self.asynchronous and jax.process_index() == 0:
                 self._seal()
         except Exception as e:
             self._save_failed(step, e)

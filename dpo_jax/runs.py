@@ -19,7 +19,7 @@ from . import options as opts
 from . import step as S
 from .batching import BatchIterator, load_pairs
 from .errors import UserError
-from .hf import export_pretrained, from_pretrained, load_tokenizer
+from .hf import check_export_target, export_pretrained, from_pretrained, load_tokenizer
 from .options import Options
 from .sharding import make_mesh, parse_mesh
 from .trainer import (check_reference_vocab, compute_dtype, eval_metrics, lora_targets, pad_id, step_config,
@@ -44,39 +44,31 @@ def run_options(path: str) -> Options | None:
     if found is None:
         return None
     directory, step = found
-    return opts.from_saved(checkpoint.Checkpoints(directory, create=False).saved_options(step),
-                           source=f"checkpoint {path}")
+    with checkpoint.Checkpoints(directory, create=False) as checkpoints:
+        return opts.from_saved(checkpoints.saved_options(step), source=f"checkpoint {path}")
 
 
 def load_trained(path: str, mesh, dtype, trust_remote_code: bool = False) -> tuple[nnx.Module, Options, int]:
     """(the trained policy with any LoRA adapters folded in, the run's options, the step) of a checkpoint:
-    the one `path` names, or the newest that reads back whole (an unreadable one is passed over with a
-    warning). Only the parameters are read, not the optimizer state. `trust_remote_code` is this command's
+    the one `path` names, or the newest intact one (a damaged one is passed over with a warning, and left where
+    it is). Only the parameters are read, not the optimizer state. `trust_remote_code` is this command's
     consent to the base model's own config code, never the saved run's."""
     found = checkpoint.find(path)
     if found is None:
         raise UserError(f"{path} is not a dpo-jax checkpoint: give a run's output_dir, its checkpoints/ "
                         f"directory, or one checkpoints/<step> directory")
     directory, step = found
-    manager = checkpoint.Checkpoints(directory, create=False)
-    o = opts.from_saved(manager.saved_options(step), source=f"checkpoint {path}")
-    model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh, trust_remote_code=trust_remote_code)
-    if o.lora.use_peft:
-        lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
-                        seed=o.run.seed)
-    target = checkpoint.abstract(nnx.state(model, nnx.LoRAParam if o.lora.use_peft else nnx.Param))
-    for s in [step] if step is not None else manager.steps()[::-1]:
-        try:
-            params = manager.restore_params(target, s)
-        except UserError:
-            if step is not None:
-                raise
-            log.warning("checkpoint %s in %s cannot be read; trying the one before", s, directory)
-            continue
-        nnx.update(model, params)
-        manager.close()
-        return (lora.merge(model) if o.lora.use_peft else model), o, s
-    raise UserError(f"none of the checkpoints in {directory} can be read")
+    with checkpoint.Checkpoints(directory, create=False) as checkpoints:
+        o = opts.from_saved(checkpoints.saved_options(step), source=f"checkpoint {path}")
+        model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh,
+                                trust_remote_code=trust_remote_code)
+        if o.lora.use_peft:
+            lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
+                            seed=o.run.seed)
+        target = checkpoint.abstract(nnx.state(model, nnx.LoRAParam if o.lora.use_peft else nnx.Param))
+        step, params = checkpoints.restore_params(target, step)
+    nnx.update(model, params)
+    return (lora.merge(model) if o.lora.use_peft else model), o, step
 
 
 def evaluate(argv: list[str]) -> dict:
@@ -148,14 +140,22 @@ def pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
 
 
 def export(checkpoint_path: str, output_dir: str, mesh_spec: str = "fsdp=-1", trust_remote_code: bool = False) -> str:
-    """`dpo-jax export`: a checkpoint to a Hugging Face directory (config, safetensors, tokenizer files),
-    adapters folded in, parameters in the dtype they were trained in. `trust_remote_code`: this command's
-    consent to the base model's own config / tokenizer code (the run's saved option does not count)."""
+    """`dpo-jax export`: a checkpoint to a Hugging Face directory (config, safetensors, tokenizer files, the base
+    model's generation_config.json), adapters folded in, parameters in the dtype they were trained in. The
+    directory is replaced as a whole; it may not be the base or reference model's, nor the run's checkpoints.
+    `trust_remote_code`: this command's consent to the base model's own config / tokenizer code (the run's saved
+    option does not count)."""
     import jax.numpy as jnp
 
+    saved, protected = run_options(checkpoint_path), {}
+    if saved is not None:  # refused before the model is loaded
+        protected = {"the run's checkpoints": str(checkpoint.find(checkpoint_path)[0])}
+        if saved.run.ref_model_name_or_path and Path(saved.run.ref_model_name_or_path).exists():
+            protected["the reference model"] = saved.run.ref_model_name_or_path
+        check_export_target(output_dir, saved.run.model_name_or_path, protected)
     mesh = make_mesh(**parse_mesh(mesh_spec))
     model, o, step = load_trained(checkpoint_path, mesh, jnp.float32, trust_remote_code)
     tokenizer = load_tokenizer(o.run.model_name_or_path, trust_remote_code=trust_remote_code)
-    out = export_pretrained(model, output_dir, tokenizer)
+    out = export_pretrained(model, output_dir, tokenizer, source=o.run.model_name_or_path, protected=protected)
     print(f"exported step {step} of {checkpoint_path} (base {o.run.model_name_or_path}) to {out}")
     return out

@@ -294,16 +294,21 @@ class Trainer:
             if found is None:
                 raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint (give a run's output_dir, its "
                                 f"checkpoints/<step> directory, or true for the newest in output_dir)")
-            checkpoints, step = Checkpoints(found[0], create=False), found[1]
-            if found[0] != self.checkpoints.directory and self.checkpoints.steps():
+            own = found[0].resolve() == self.checkpoints.directory.resolve()
+            if not own and self.checkpoints.steps():
                 raise UserError(f"--resume_from_checkpoint {spec} is another run's, and {self.out} holds checkpoints "
                                 f"of its own; continue into an empty output_dir (or the run's own)")
-        step, self.state, position, saved = checkpoints.restore(abstract(self.state), step)
+            checkpoints, step = (self.checkpoints if own else Checkpoints(found[0], create=False)), found[1]
+        try:  # damaged checkpoints are moved aside in restore; newer intact ones of our own, below
+            step, self.state, position, saved = checkpoints.restore(abstract(self.state), step)
+        finally:
+            if checkpoints is not self.checkpoints:
+                checkpoints.close()
         self.batches.load_state_dict(position)
         if step > self.total_steps:
             raise UserError(f"the checkpoint is at step {step}, past this run's {self.total_steps} steps; raise "
                             f"max_steps (or num_train_epochs) to continue it")
-        self.checkpoints.delete_after(step)  # later (or unreadable) ones belong to the history being replaced
+        self.checkpoints.set_aside_after(step)  # resumed from an earlier step: the later ones are another history
         now = opts.to_dict(self.o)
         changed = [f"{name} ({saved[s][name]!r} -> {value!r})" for s, section in now.items()
                    for name, value in section.items() if name not in PER_LAUNCH
@@ -319,9 +324,13 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = Checkpoints(self.out / "checkpoints", max_to_keep=self.o.run.save_total_limit)
-        start = self._resume()
-        reporter = report.Reporter(self.out, self.o.run.report_to, start_step=start, enabled=self.main,
-                                   run_name=self.out.name, config=opts.to_dict(self.o))
+        try:
+            start = self._resume()
+            reporter = report.Reporter(self.out, self.o.run.report_to, start_step=start, enabled=self.main,
+                                       run_name=self.out.name, config=opts.to_dict(self.o))
+        except BaseException:
+            self.checkpoints.close()
+            raise
         self.stopped_by, self.finished = None, False
         handlers = {}
 
@@ -383,11 +392,11 @@ class Trainer:
                     reporter.log(step, final)
         finally:
             feed.close()
-            self.checkpoints.wait()  # a save in flight completes, whatever happened
             bar.close()
             reporter.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            self.checkpoints.close()  # a save in flight completes (or its failure is reported), whatever happened
         if self.main and self.finished:
             if step == start:
                 print(f"dpo-jax: the run in {self.out} had already finished ({step} steps)")

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     try:
         model = dpo_jax.from_pretrained(args.model_name_or_path, param_dtype=jnp.dtype(args.param_dtype))
         tokenizer = dpo_jax.load_tokenizer(args.model_name_or_path)
-        dpo_jax.export_pretrained(model, args.output_dir, tokenizer, max_shard_size=args.max_shard_size)
+        dpo_jax.export_pretrained(model, args.output_dir, tokenizer, max_shard_size=args.max_shard_size,
+                                  source=args.model_name_or_path)
     except UserError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

@@ -87,3 +87,106 @@ def test_export_over_an_earlier_export_replaces_its_weights(tmp_path):
     ours = dpo_jax.from_pretrained(str(tmp_path / "out"))
     assert relative_error(np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask))),
                           torch_logits(second, ids, mask), mask) <= 1e-5
+
+
+def test_export_again_replaces_the_directory_whole_and_carries_generation_config(tmp_path):
+    """A second export into the same directory: the first one's files (its sharded weights, its tokenizer, an
+    adapter_config.json put there by another tool) do not survive; the source's generation_config.json comes
+    along; nothing is left beside the directory."""
+    first, second = make_model("llama", seed=11), make_model("llama", seed=12)
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    transformers.GenerationConfig(bos_token_id=1, eos_token_id=[2, 5], temperature=0.7, do_sample=True) \
+        .save_pretrained(tmp_path / "b")
+    vocab = {f"w{i}": i for i in range(128)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
+    out = tmp_path / "out"
+    dpo_jax.export_pretrained(dpo_jax.from_pretrained(str(tmp_path / "a")), str(out), tokenizer,
+                              max_shard_size="40KB")
+    (out / "adapter_config.json").write_text("{}")
+    os.chmod(out, 0o750)
+    assert (out / "tokenizer.json").exists() and (out / "model.safetensors.index.json").exists()
+    dpo_jax.export_pretrained(dpo_jax.from_pretrained(str(tmp_path / "b")), str(out), source=str(tmp_path / "b"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]  # no staging or old copy left
+    assert os.stat(out).st_mode & 0o777 == 0o750  # the directory's permissions are kept
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == [2, 5] and generation.temperature == 0.7
+    ids, mask = batch()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert relative_error(torch_logits(reloaded, ids, mask), torch_logits(second, ids, mask), mask) <= 1e-6
+
+
+def test_export_keeps_the_old_export_when_writing_fails(tmp_path, monkeypatch):
+    make_model("llama", seed=13).save_pretrained(tmp_path / "src")
+    model = dpo_jax.from_pretrained(str(tmp_path / "src"))
+    dpo_jax.export_pretrained(model, str(tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    import safetensors.numpy
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    with pytest.raises(OSError, match="No space"):
+        dpo_jax.export_pretrained(model, str(tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_export_refuses_the_source_a_protected_path_a_file_and_a_foreign_directory(tmp_path):
+    make_model("llama", seed=14).save_pretrained(tmp_path / "src")
+    model = dpo_jax.from_pretrained(str(tmp_path / "src"))
+    weights = (tmp_path / "src" / "model.safetensors").read_bytes()
+    with pytest.raises(dpo_jax.UserError, match="would write over the source model"):
+        dpo_jax.export_pretrained(model, str(tmp_path / "src"), source=str(tmp_path / "src"))
+    with pytest.raises(dpo_jax.UserError, match="would write over the source model"):
+        dpo_jax.export_pretrained(model, str(tmp_path), source=str(tmp_path / "src"))  # its parent: replaced whole
+    with pytest.raises(dpo_jax.UserError, match="would write over the reference model"):
+        dpo_jax.export_pretrained(model, str(tmp_path / "src" / "hf"), protected={"the reference model":
+                                                                                   str(tmp_path / "src")})
+    assert (tmp_path / "src" / "model.safetensors").read_bytes() == weights
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(dpo_jax.UserError, match="is an existing file"):
+        dpo_jax.export_pretrained(model, str(tmp_path / "file"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(dpo_jax.UserError, match="holds other things than an exported model .*todo.txt"):
+        dpo_jax.export_pretrained(model, str(tmp_path / "notes"))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "x"
+
+
+def test_export_command_refuses_the_base_model_the_run_and_a_file(tmp_path, capsys):
+    """`dpo-jax export` of a run's checkpoint (saved here without training: the base weights): refused into the
+    base model's directory, the run's own directory and an existing file (exit 2, nothing touched); into a new
+    directory it carries the base model's generation_config.json."""
+    from dpo_jax import options
+    from dpo_jax import step as S
+    from dpo_jax.checkpoint import Checkpoints
+    from dpo_jax.cli import main
+
+    base = tmp_path / "base"
+    make_model("llama", seed=15).save_pretrained(base)
+    transformers.GenerationConfig(eos_token_id=3, max_new_tokens=17).save_pretrained(base)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(128)},
+                                                                          unk_token="w0")), unk_token="w0")
+    tokenizer.save_pretrained(base)
+    run = tmp_path / "run"
+    o = options.parse(["--model_name_or_path", str(base), "--output_dir", str(run)])
+    _, params = S.split_policy(dpo_jax.from_pretrained(str(base)), False)
+    with Checkpoints(run / "checkpoints") as ckpt:
+        ckpt.save(1, S.init_state(params, S.make_optimizer(o.optim, 10)), {}, options.to_dict(o))
+    before = sorted(p.name for p in base.iterdir())
+    (tmp_path / "file").write_text("x")
+    for target, message in ((base, "would write over the source model"), (run, "would write over the run's"),
+                            (tmp_path / "file", "is an existing file")):
+        assert main(["export", "--checkpoint", str(run), "--output_dir", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in base.iterdir()) == before and (tmp_path / "file").read_text() == "x"
+    assert main(["export", "--checkpoint", str(run), "--output_dir", str(run / "hf")]) == 0
+    assert transformers.GenerationConfig.from_pretrained(run / "hf").max_new_tokens == 17
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                             "model.safetensors", "tokenizer.json",
+                                                             "tokenizer_config.json"]

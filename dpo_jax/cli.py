@@ -181,9 +181,10 @@ def _train(args) -> int:
     from . import distributed, options
     from .trainer import Trainer
 
-    o = options.parse(args.options)
+    given = options.parse_values(args.options)
+    o = options.from_dict(given)
     distributed.initialize(o.run.distributed, o.run.coordinator_address, o.run.num_processes, o.run.process_id)
-    trainer = Trainer(o)
+    trainer = Trainer(o, test_split_asked="dataset_test_split" in given)
     trainer.train()
     return 0 if trainer.finished else 128 + trainer.stopped_by  # stopped early: as a process killed by it
 

@@ -3,7 +3,8 @@
 `dpo-jax audit` prints it as a table; `dpo-jax train` prints a line per split (the table when rows were
 skipped or pairs dropped) and writes it to `output_dir/data_audit.json` before loading the model. The bucket
 and padding figures are those of the run's layout (`pack_pairs`). Any count named in `audit_fail_on` that is
-above zero stops either command before anything is written.
+above zero stops either command with exit status 2: `audit` before writing anything, `train` after writing
+data_audit.json and before loading the model.
 """
 
 from __future__ import annotations
@@ -122,16 +123,17 @@ def summary(name: str, report: dict) -> str:
 
 def conclude(reports: dict[str, dict], fail_on: tuple[str, ...], output_dir: str | None, say=print) -> None:
     """What `dpo-jax train` does with its audits before loading the model: a line per split (the whole table
-    where rows were skipped or pairs dropped, or a check of `fail_on` fails), then the checks, then
-    output_dir/data_audit.json. `say` None: a process other than the first, which only checks."""
+    where rows were skipped or pairs dropped, or a check of `fail_on` fails), output_dir/data_audit.json, then
+    the checks (after writing, so that a refused run's audit can be read). `say` None: a process other than the
+    first, which only checks."""
     for name, report in reports.items():
         if say is not None:
             wrong = any(report["counts"][c] for c in ("skipped", "dropped", *fail_on) if c in report["counts"])
             say(format_table(report) if wrong else summary(name, report))
-    for report in reports.values():
-        check(report, fail_on)
     if say is not None and output_dir:
         say(f"data audit written to {write(reports, output_dir)}")
+    for report in reports.values():
+        check(report, fail_on)
 
 
 def check(report: dict, fail_on: tuple[str, ...]) -> None:

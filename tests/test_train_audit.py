@@ -164,3 +164,13 @@ def test_evaluate_a_single_file(model, tmp_path, capsys):
         assert from_file[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
     code, _, err = evaluate(capsys, *common, "--dataset_name", single, "--dataset_test_split", "test")
     assert code == 2 and "split 'test' is not in" in err
+
+
+def test_demo_asks_for_a_held_out_slice_of_a_single_split(tmp_path):
+    from dpo_jax.demo import held_out_prompts
+    from dpo_jax.errors import UserError
+
+    o = options.parse(["--dataset_name", write_jsonl(tmp_path / "d.jsonl", ROWS)])
+    with pytest.raises(UserError, match=r'one split: give --dataset_train_split "train\[:90%\]" '
+                                        r'--dataset_test_split "train\[90%:\]"'):
+        held_out_prompts(o, smoke=True)

@@ -1,7 +1,10 @@
 """The data audit: what was read, dropped, truncated or suspicious, and how much padding the buckets cost.
 
-Printed as a short table before training and written to `output_dir/data_audit.json`. Any count named in
-`audit_fail_on` that is above zero stops the run before anything is written.
+`dpo-jax audit` prints it as a table; `dpo-jax train` prints a line per split (the table when rows were
+skipped or pairs dropped) and writes it to `output_dir/data_audit.json` before loading the model. The bucket
+and padding figures are those of the run's layout (`pack_pairs`). Any count named in `audit_fail_on` that is
+above zero stops either command with exit status 2: `audit` before writing anything, `train` after writing
+data_audit.json and before loading the model.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from .errors import UserError
 AUDIT_FILE = "data_audit.json"
 
 
-def audit(pairs: Pairs, split: Split, batches: BatchIterator, tokenizer) -> dict:
-    """Counts and first row numbers of everything worth knowing about one split before training on it."""
+def audit(pairs: Pairs, split: Split, batches: BatchIterator | None, tokenizer) -> dict:
+    """Counts and first row numbers of everything worth knowing about one split before training on it; the
+    bucket figures come from `batches` (None: no pair left to batch)."""
     p = pairs
     seqs = [(i, *p.sequence(i, w)) for i in range(len(p)) for w in ("chosen", "rejected")]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -53,8 +57,8 @@ def audit(pairs: Pairs, split: Split, batches: BatchIterator, tokenizer) -> dict
         "doubled_bos": labels(p.flags["bos_fixed"] > 0),
         "missing_eos": labels(no_eos),
     }
-    lengths = np.array([len(ids) for _, ids, _ in seqs])
-    edges = np.unique(np.linspace(0, max(int(lengths.max()), 1), 9).round().astype(int))
+    lengths = np.array([len(ids) for _, ids, _ in seqs], np.int64)
+    edges = np.unique(np.linspace(0, max(int(lengths.max(initial=0)), 1), 9).round().astype(int))
     hist, _ = np.histogram(lengths, bins=edges)
     return {
         "source": split.title, "format": split.fmt, "implicit_prompt": split.implicit_prompt,
@@ -69,22 +73,67 @@ def audit(pairs: Pairs, split: Split, batches: BatchIterator, tokenizer) -> dict
         "bos_in_prompt": {str(k): int((bos_counts == k).sum()) for k in np.unique(bos_counts)}
         if bos_counts is not None else None,
         "length_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
-        "buckets": _bucket_padding(batches),
+        "layout": batches.layout if batches is not None else None,
+        "buckets": _bucket_padding(batches) if batches is not None else [],
     }
 
 
 def _bucket_padding(batches: BatchIterator) -> list[dict]:
-    """Per bucket: batches in the first epoch and the fraction of their token slots that are padding."""
-    p, out = batches.pairs, []
+    """Per row length: batches in the first epoch and the fraction of their token slots that are padding, in
+    the batches' layout (pairs: two rows per pair; shared_prefix: one; packed: several pairs per row)."""
+    p = batches.pairs
+    per_pair = p.length["chosen"] + p.length["rejected"]  # the tokens a pair puts in the batch
+    if batches.layout != "pairs":
+        per_pair = p.shared_length
     order = batches.order(0).reshape(batches.steps_per_epoch, batches.batch_size)
-    real = np.where(order >= 0, p.length["chosen"][np.maximum(order, 0)] + p.length["rejected"][np.maximum(order, 0)], 0)
-    bucket = np.array([batches.bucket_for(int(n)) for n in batches.batch_lengths(0)])
-    for b in batches.buckets:
-        sel = bucket == b
-        slots = int(sel.sum()) * batches.batch_size * 2 * b
-        out.append({"length": b, "batches": int(sel.sum()),
-                    "padding": round(1 - int(real[sel].sum()) / slots, 4) if slots else 0.0})
+    real = np.where(order >= 0, per_pair[np.maximum(order, 0)], 0).sum(axis=1)
+    shapes = np.array([batches.rows_and_length(0, s) for s in range(batches.steps_per_epoch)]).reshape(-1, 2)
+    slots = shapes[:, 0] * shapes[:, 1]
+    out = []
+    for b in sorted(set(batches.buckets) | set(shapes[:, 1].tolist())):  # packed: row_cap when a batch needs it
+        sel = shapes[:, 1] == b
+        total = int(slots[sel].sum())
+        out.append({"length": int(b), "batches": int(sel.sum()),
+                    "padding": round(1 - int(real[sel].sum()) / total, 4) if total else 0.0})
     return out
+
+
+def batched(pairs: Pairs, split: Split, tokenizer, make_batches) -> tuple[BatchIterator, dict]:
+    """(`make_batches(pairs)`, the split's audit); when no pair is left, a UserError that shows the audit table,
+    which says what was dropped and why."""
+    if len(pairs) == 0:
+        report = audit(pairs, split, None, tokenizer)
+        t = pairs.truncation
+        why = (f"the prompts of all {pairs.dropped_prompt_too_long} pairs reach max_length ({t.max_length} tokens), "
+               f"and keep_start drops such pairs (as TRL). Raise max_length, or cap the prompts with "
+               f"max_prompt_length below it" if pairs.dropped_prompt_too_long else "see the audit")
+        raise UserError(f"{split.title}: no preference pair is left to train or evaluate on: {why}.\n"
+                        f"{format_table(report)}")
+    batches = make_batches(pairs)
+    return batches, audit(pairs, split, batches, tokenizer)
+
+
+def summary(name: str, report: dict) -> str:
+    """One line per split for `dpo-jax train`: what was kept, skipped, dropped and truncated."""
+    c = report["counts"]
+    return (f"data audit ({name}): {report['source']}: {report['pairs_kept']} pairs of {report['records_read']} "
+            f"records; {c['skipped']} rows skipped, {c['dropped']} pairs dropped (prompt >= max_length), "
+            f"{c['truncated']} truncated")
+
+
+def conclude(reports: dict[str, dict], fail_on: tuple[str, ...], output_dir: str | None, say=print) -> None:
+    """What `dpo-jax train` does with its audits before loading the model: a line per split (the whole table
+    where rows were skipped or pairs dropped, or a check of `fail_on` fails), output_dir/data_audit.json, then
+    the checks (after writing, so that a refused run's audit can be read). `say` None: a process other than the
+    first, which only checks."""
+    for name, report in reports.items():
+        if say is not None:
+            wrong = any(report["counts"][c] for c in ("skipped", "dropped", *fail_on) if c in report["counts"])
+            say(format_table(report) if wrong else summary(name, report))
+    if say is not None and output_dir:
+        say(f"data audit written to {write(reports, output_dir)}")
+    for report in reports.values():
+        check(report, fail_on)
 
 
 def check(report: dict, fail_on: tuple[str, ...]) -> None:
@@ -120,8 +169,9 @@ def format_table(report: dict) -> str:
     h = report["length_histogram"]
     lines.append(f"  {'sequence lengths (tokens)':<32}" + ", ".join(f"{a}-{b}: {n}" for a, b, n in
                                                        zip(h["edges"], h["edges"][1:], h["counts"])))
-    lines.append(f"  {'buckets (first epoch)':<32}" + ", ".join(f"{b['length']}: {b['batches']} batches, "
-                                                       f"{b['padding']:.0%} padding" for b in report["buckets"]))
+    if report["buckets"]:
+        lines.append(f"  {'buckets (first epoch, ' + report['layout'] + ')':<32}" + ", ".join(
+            f"{b['length']}: {b['batches']} batches, {b['padding']:.0%} padding" for b in report["buckets"]))
     if c["boundary_merges"]:
         lines.append(f"  warning: in {c['boundary_merges']} pairs the tokenized prompt is not a prefix of the tokenized "
                      f"prompt + completion (tokens merge across the boundary, or the chat template renders the prompt "

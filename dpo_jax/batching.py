@@ -267,6 +267,16 @@ class BatchIterator:
     def bucket_for(self, length: int) -> int:
         return next((b for b in self.buckets if b >= length), max(self.row_cap, self.buckets[-1]))
 
+    def rows_and_length(self, epoch: int, step: int) -> tuple[int, int]:
+        """(token rows over all processes, row length) of global batch `step` of `epoch`, without building it:
+        the shape the step computes on, for the audit's padding figures."""
+        indices = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+        if self.layout == "packed":
+            rows, _, longest = self._packing(indices)
+            return rows * self.micro_batches * self.process_count, self.bucket_for(max(longest, 1))
+        length = self.bucket_for(int(self.lengths[indices[indices >= 0]].max()))
+        return self.batch_size * (2 if self.layout == "pairs" else 1), length
+
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch `step` of `epoch`."""
         indices = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]

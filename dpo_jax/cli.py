@@ -95,25 +95,30 @@ def _audit(args) -> None:
     from .config import DataConfig
     from .data import MissingSplit
 
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)})
+    asked = hasattr(args, "dataset_test_split")  # its default is SUPPRESS: absent unless given
+    cfg = DataConfig(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(DataConfig)})
     tokenizer = load_tokenizer(args.model_name_or_path or smollm2_path(), trust_remote_code=args.trust_remote_code)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # as train: keep_end can cut a pair's two prompts differently, so it batches chosen and rejected apart
+    layout = "pairs" if cfg.truncation_mode == "keep_end" else args.pack_pairs
+    accumulation = args.gradient_accumulation_steps
     reports = {}
     for name, split in (("train", cfg.dataset_train_split), ("test", cfg.dataset_test_split)):
         if split is None:
             continue
         try:
             pairs, rows = load_pairs(cfg, split, tokenizer)
-        except MissingSplit:
-            if name == "test" and split == DataConfig.dataset_test_split:
-                print(f"no '{split}' split in {cfg.dataset_name}: no held-out audit "
-                      f"(give --dataset_test_split, e.g. \"train[90%:]\")")
+        except MissingSplit as e:
+            if name == "test" and not asked:
+                one = f"has one split, {e.splits[0]!r}, and " if len(e.splits) == 1 else "has "
+                print(f"{cfg.dataset_name} {one}no '{split}' split: no held-out audit (give --dataset_test_split, "
+                      f"e.g. \"train[90%:]\" with --dataset_train_split \"train[:90%]\")")
                 continue
             raise
-        batches = BatchIterator(pairs, global_batch_size=args.per_device_train_batch_size, pad_token_id=pad,
-                                seed=cfg.seed, shuffle=cfg.shuffle, num_buckets=cfg.num_length_buckets,
-                                multiple=cfg.pad_to_multiple_of)
-        reports[name] = audit.audit(pairs, rows, batches, tokenizer)
+        batches, reports[name] = audit.batched(pairs, rows, tokenizer, lambda p: BatchIterator(
+            p, global_batch_size=args.per_device_train_batch_size * accumulation, pad_token_id=pad, seed=cfg.seed,
+            shuffle=cfg.shuffle, num_buckets=cfg.num_length_buckets, multiple=cfg.pad_to_multiple_of,
+            layout=layout, micro_batches=accumulation))
         print(audit.format_table(reports[name]))
     for report in reports.values():
         audit.check(report, cfg.audit_fail_on)
@@ -152,8 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--output_dir", help="also write data_audit.json here")
     check.add_argument("--per_device_train_batch_size", type=_positive_int, default=8,
                        help="pairs per batch (one device) for the bucket and padding figures")
+    check.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
+                       help="micro-batches per step (packed: each packed on its own)")
+    check.add_argument("--pack_pairs", choices=("pairs", "shared_prefix", "packed"), default="packed",
+                       help="the layout whose buckets and padding to show, as train's (default: packed)")
     _add_config_options(check, DataConfig)
     _add_trust_remote_code(check)
+    # absent from the arguments unless given: only a split asked for by name must exist
+    next(a for a in check._actions if a.dest == "dataset_test_split").default = argparse.SUPPRESS
     check.set_defaults(run=_audit)
 
     train = sub.add_parser("train", help="train with DPO (options: TRL's names; --config run.yaml)",
@@ -212,9 +223,10 @@ def _train(args) -> int:
     from . import distributed, options
     from .trainer import Trainer
 
-    o = options.parse(args.options)
+    given = options.parse_values(args.options)
+    o = options.from_dict(given)
     distributed.initialize(o.run.distributed, o.run.coordinator_address, o.run.num_processes, o.run.process_id)
-    trainer = Trainer(o)
+    trainer = Trainer(o, test_split_asked="dataset_test_split" in given)
     trainer.train()
     return 0 if trainer.finished else 128 + trainer.stopped_by  # stopped early: as a process killed by it
 

@@ -36,7 +36,12 @@ MAX_LISTED = 5  # row numbers listed in a message
 
 
 class MissingSplit(UserError):
-    """The split asked for is not in the dataset (or the slice is malformed)."""
+    """The split asked for is not in the dataset (or the slice is malformed); `splits` are the dataset's own
+    (empty when not known), so that a caller can fall back to a dataset's only split."""
+
+    def __init__(self, message: str, splits=()):
+        super().__init__(message)
+        self.splits = tuple(splits)
 
 
 @dataclass
@@ -107,7 +112,7 @@ def _local(files: dict[str, list[str]], spec: str, name: str, on_bad_row: str) -
     for s in _split_names(spec):
         if s not in files:
             raise MissingSplit(f"split {s!r} is not in {name}: the splits are {', '.join(files) or 'none'}. Slices "
-                               f"look like train[:90%] or train[100:200].")
+                               f"look like train[:90%] or train[100:200].", splits=files)
         if s in splits:
             continue
         parts = []
@@ -177,7 +182,8 @@ def _whole_splits(splits: dict, spec: str, name: str) -> Split:
                 FILE, np.full(len(d), len(sources) - 1, np.int32))
     missing = [s for s in _split_names(spec) if s not in splits]
     if missing:
-        raise MissingSplit(f"split {missing[0]!r} is not in {name}: the splits are {', '.join(splits) or 'none'}.")
+        raise MissingSplit(f"split {missing[0]!r} is not in {name}: the splits are {', '.join(splits) or 'none'}.",
+                           splits=splits)
     return _select(numbered, spec, name, sources)
 
 

@@ -73,10 +73,18 @@ def chat_copy_of_sample(directory: Path) -> str:
 def held_out_prompts(o, smoke: bool) -> tuple[list[tuple[str, str]], bool]:
     """((category, prompt text) of the first held-out pairs of each category in PROMPTS, or with `smoke` or
     for a dataset without those categories the first ones; whether they are chat turns)."""
-    from .data import load_split
+    from .data import MissingSplit, load_split
 
-    rows = list(load_split(o.data.dataset_name, o.data.dataset_test_split or "test",
-                           config_name=o.data.dataset_config).dataset)
+    try:
+        rows = list(load_split(o.data.dataset_name, o.data.dataset_test_split or "test",
+                               config_name=o.data.dataset_config).dataset)
+    except MissingSplit as e:
+        if len(e.splits) != 1:
+            raise
+        only = e.splits[0]  # the demo does not show answers to, or evaluate on, the pairs it trained on
+        raise UserError(f"{e} The demo answers and evaluates held-out pairs, and {o.data.dataset_name} has one "
+                        f"split: give --dataset_train_split \"{only}[:90%]\" --dataset_test_split "
+                        f"\"{only}[90%:]\"") from e
 
     def text(prompt):  # plain text, or the content of a single user turn
         if isinstance(prompt, str):

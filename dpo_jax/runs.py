@@ -17,13 +17,15 @@ from flax import nnx
 from . import checkpoint, lora
 from . import options as opts
 from . import step as S
-from .batching import BatchIterator, load_pairs
+from .batching import Pairs, load_pairs
+from .config import DataConfig
+from .data import MissingSplit
 from .errors import UserError
 from .hf import check_export_target, export_pretrained, from_pretrained, load_tokenizer
 from .options import Options
 from .sharding import make_mesh, parse_mesh
-from .trainer import (check_reference_vocab, compute_dtype, eval_metrics, lora_targets, pad_id, step_config,
-                      with_layout)
+from .trainer import (check_reference_vocab, compute_dtype, eval_metrics, lora_targets, make_batches, pad_id,
+                      step_config, with_layout)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 NOT_INHERITED = ("model_name_or_path", "ref_model_name_or_path", "resume_from_checkpoint", "mesh", "output_dir",
                  "trust_remote_code")
 DATASET_CHOICE = ("dataset_config", "dataset_train_split", "dataset_test_split", "data_format")  # with another dataset
+
+DEFAULT_TEST_SPLIT = DataConfig.dataset_test_split
 
 EVAL_KEYS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
              "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected", "eval_logits/chosen",
@@ -102,14 +106,14 @@ def evaluate(argv: list[str]) -> dict:
     graphdef, params = S.split_reference(policy)
     check_reference_vocab(policy.config, model_path, ref_path, trust)
     ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=trust))
-    split = o.data.dataset_test_split
-    if not split:
-        raise UserError("evaluate needs a split: give --dataset_test_split (e.g. test, or \"train[90%:]\")")
-    pairs, _ = load_pairs(o.data, split, tokenizer)
+    # a run's split counts as named unless it is the default: train refuses a named split that is missing
+    asked = ("dataset_test_split" in given
+             or inherited.get("dataset_test_split", DEFAULT_TEST_SPLIT) != DEFAULT_TEST_SPLIT)
+    pairs = test_pairs(o, tokenizer, asked=asked, trained_on=trained and trained.data)
     pairs.check_vocab(policy.config.vocab_size)
-    batches = BatchIterator(pairs, global_batch_size=o.run.per_device_eval_batch_size * mesh.shape["data"]
-                            * mesh.shape["fsdp"], pad_token_id=pad_id(tokenizer), shuffle=False,
-                            layout=o.run.pack_pairs, row_multiple=mesh.shape["data"] * mesh.shape["fsdp"])
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    batches = make_batches(o, pairs, global_batch_size=o.run.per_device_eval_batch_size * devices,
+                           pad_token_id=pad_id(tokenizer), train=False, row_multiple=devices)
     cfg = dataclasses.replace(step_config(o), lora=False)  # adapters are folded in: a plain policy
     evaluate_step = S.compile_eval_step(graphdef, ref_graphdef, cfg, mesh, params, ref)
     metrics = eval_metrics(evaluate_step, params, ref, batches, mesh, cfg)
@@ -123,6 +127,26 @@ def evaluate(argv: list[str]) -> dict:
         tmp.write_text(text + "\n")
         tmp.replace(out)
     return metrics
+
+
+def test_pairs(o: Options, tokenizer, *, asked: bool, trained_on=None) -> Pairs:
+    """The pairs of o's dataset_test_split; when the dataset lacks it, has one split and no split was asked
+    for (the default, or a run's default inherited), that split, said on stderr. `trained_on`: the run's
+    DataConfig, to say when that split is the one it trained on."""
+    split = o.data.dataset_test_split
+    if not split:
+        raise UserError("evaluate needs a split: give --dataset_test_split (e.g. test, or \"train[90%:]\")")
+    try:
+        return load_pairs(o.data, split, tokenizer)[0]
+    except MissingSplit as e:
+        if asked or len(e.splits) != 1:
+            raise
+        only = e.splits[0]
+        same = (trained_on is not None and trained_on.dataset_name == o.data.dataset_name
+                and trained_on.dataset_train_split == only)
+        print(f"dataset {o.data.dataset_name} has one split, {only!r}: evaluating it"
+              + (" (the run trained on it: these metrics are not held-out)" if same else ""), file=sys.stderr)
+        return load_pairs(o.data, only, tokenizer)[0]
 
 
 def pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:

@@ -9,6 +9,7 @@ end `plots.png`. SIGTERM (a TPU VM's preemption) or Ctrl-C saves a checkpoint at
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import lora, memory, reference, report
+from . import audit, lora, memory, reference, report
 from . import options as opts
 from . import step as S
 from .batching import BatchIterator, Prefetcher, load_pairs
@@ -143,6 +144,17 @@ def eval_metrics(evaluate, params, ref, batches: BatchIterator, mesh, cfg: S.Ste
     return {f"eval_{k}": float(v) for k, v in S.finish_eval(jax.tree.map(float, sums), cfg).items()}
 
 
+def make_batches(o: Options, pairs, *, global_batch_size: int, pad_token_id: int, train: bool,
+                 row_multiple: int) -> BatchIterator:
+    """The run's batches of `pairs`: training's (shuffled, in micro-batches) or evaluation's (in order), both
+    in the run's layout and with its length-bucket policy (num_length_buckets, pad_to_multiple_of)."""
+    return BatchIterator(pairs, global_batch_size=global_batch_size, pad_token_id=pad_token_id, seed=o.run.seed,
+                         shuffle=train and o.data.shuffle, num_buckets=o.data.num_length_buckets,
+                         multiple=o.data.pad_to_multiple_of, layout=o.run.pack_pairs,
+                         micro_batches=o.run.gradient_accumulation_steps if train else 1,
+                         row_multiple=row_multiple, **processes())
+
+
 def _arrays(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "index"}
 
@@ -153,7 +165,9 @@ def batch_tokens(batch: dict) -> int:
 
 
 class Trainer:
-    def __init__(self, options: Options):
+    def __init__(self, options: Options, test_split_asked: bool | None = None):
+        """`test_split_asked`: whether the user named dataset_test_split (command line or YAML), so that its
+        absence is an error; None (not known): when it differs from the default."""
         if not options.run.model_name_or_path or not options.run.output_dir:
             raise UserError("train needs --model_name_or_path and --output_dir")
         report.validate(options.run.report_to)
@@ -169,6 +183,7 @@ class Trainer:
             data = dataclasses.replace(data, dataset_name=str(Path(data.dataset_name).absolute()))
         self.o = o = with_layout(dataclasses.replace(options, run=dataclasses.replace(options.run, **local), data=data))
         self.out = Path(o.run.output_dir)
+        self.test_split_asked = test_split_asked
         use_compilation_cache(o.run.compilation_cache_dir)
         self.main = jax.process_index() == 0
         self.mesh = make_mesh(**parse_mesh(o.run.mesh))
@@ -178,16 +193,7 @@ class Trainer:
         self.global_batch = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
         self.tokenizer = load_tokenizer(o.run.model_name_or_path, trust_remote_code=o.run.trust_remote_code)
         pad = pad_id(self.tokenizer)
-        self.train_pairs, _ = load_pairs(o.data, o.data.dataset_train_split, self.tokenizer)
-        self.batches = BatchIterator(self.train_pairs, global_batch_size=self.global_batch, pad_token_id=pad,
-                                     seed=o.run.seed, shuffle=o.data.shuffle, num_buckets=o.data.num_length_buckets,
-                                     multiple=o.data.pad_to_multiple_of, layout=o.run.pack_pairs,
-                                     micro_batches=o.run.gradient_accumulation_steps,
-                                     row_multiple=batch_devices // jax.process_count(), **processes())
-        self.eval_pairs = self._eval_pairs()
-        self.eval_batches = self.eval_pairs and BatchIterator(
-            self.eval_pairs, global_batch_size=o.run.per_device_eval_batch_size * batch_devices, pad_token_id=pad,
-            shuffle=False, layout=o.run.pack_pairs, row_multiple=batch_devices // jax.process_count(), **processes())
+        self.train_pairs, self.batches, self.eval_pairs, self.eval_batches = self._data(batch_devices)
         self.dtype = compute_dtype(o)
         length = max(self.batches.buckets + ((self.batches.row_cap,) if o.run.pack_pairs == "packed" else ()))
         if o.run.gradient_checkpointing is None:  # only where memory needs it: it costs a forward pass
@@ -238,17 +244,42 @@ class Trainer:
                      live_reference=live, mesh=self.mesh)
         return plan
 
+    def _data(self, batch_devices: int) -> tuple:
+        """(train pairs, their batches, test pairs, their batches or None), audited before the model is loaded:
+        process 0 prints the audit and writes data_audit.json; a failed audit_fail_on check stops every process."""
+        o, tokenizer, row_multiple = self.o, self.tokenizer, batch_devices // jax.process_count()
+        splits = {"train": (*load_pairs(o.data, o.data.dataset_train_split, tokenizer), self.global_batch, True)}
+        if (test := self._eval_pairs()) is not None:
+            splits["test"] = (*test, o.run.per_device_eval_batch_size * batch_devices, False)
+        reports, batches = {}, {}
+        for name, (pairs, rows, size, train) in splits.items():
+            batches[name], reports[name] = audit.batched(pairs, rows, tokenizer, functools.partial(
+                make_batches, o, global_batch_size=size, pad_token_id=pad_id(tokenizer), train=train,
+                row_multiple=row_multiple))
+        audit.conclude(reports, o.data.audit_fail_on, o.run.output_dir if self.main else None,
+                       say=functools.partial(print, flush=True) if self.main else None)
+        test = splits.get("test")
+        return splits["train"][0], batches["train"], test and test[0], batches.get("test")
+
     def _eval_pairs(self):
+        """(Pairs, Split) of the test split, or None. A dataset without the test split asked for is an error
+        when the user named the split, else a warning: training does not evaluate on its own training pairs."""
         split = self.o.data.dataset_test_split
         if not split:
             return None
         try:
-            return load_pairs(self.o.data, split, self.tokenizer)[0]
-        except MissingSplit:
-            if split != type(self.o.data)().dataset_test_split:
+            return load_pairs(self.o.data, split, self.tokenizer)
+        except MissingSplit as e:
+            asked = self.test_split_asked
+            if asked or (asked is None and split != type(self.o.data)().dataset_test_split):
                 raise  # asked for by name: its absence is the user's error
-            log.warning("no %r split in %s: no evaluation (give --dataset_test_split, e.g. \"train[90%%:]\")",
-                        split, self.o.data.dataset_name)
+            if len(e.splits) == 1:
+                log.warning("%s has one split, %r, and no %r split: no evaluation (for a held-out split give "
+                            "--dataset_train_split \"%s[:90%%]\" --dataset_test_split \"%s[90%%:]\")",
+                            self.o.data.dataset_name, e.splits[0], split, e.splits[0], e.splits[0])
+            else:
+                log.warning("no %r split in %s: no evaluation (give --dataset_test_split, e.g. \"train[90%%:]\")",
+                            split, self.o.data.dataset_name)
             return None
 
     def _precompute(self, params, ref_config, pad: int) -> None:

@@ -105,13 +105,13 @@ def earlier_run(directory: str | Path) -> str | None:
 
 def _make(path: Path) -> bool:
     """Make `path` a directory; whether it was made now."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output_dir {path} is a file, not a directory: give a directory (a new one, or the run's "
-                        f"own to continue it)")
-    created = not path.exists()
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output_dir {path} is a file, not a directory: give a directory (a new one, or the "
+                            f"run's own to continue it)")
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # a parent that is a file, or that this user may not enter or write
         raise UserError(f"output_dir {path} cannot be created ({e.strerror or e}): give a directory you can "
                         f"write to") from e
     return created

@@ -54,6 +54,11 @@ def nothing_loaded(monkeypatch):
     monkeypatch.setattr(trainer, "load_config", load_config)
 
 
+def held(directory) -> bool:
+    """Whether this process still holds `directory`'s lock."""
+    return Path(os.path.realpath(directory)) in rundir._held
+
+
 def train(capsys, out, *extra, model="no-model-needed"):
     status = main(["train", "--model_name_or_path", model, "--output_dir", str(out), *TRAIN, *extra])
     return status, capsys.readouterr()
@@ -117,7 +122,7 @@ def test_a_failed_start_releases_the_lock_and_leaves_nothing(tmp_path, capsys):
     status, printed = train(capsys, out, "--dataset_name", str(tmp_path / "missing.jsonl"),
                             model=tiny_model(tmp_path / "model"))
     assert status == 2 and "does not exist" in printed.err
-    assert not out.exists() and not rundir._held
+    assert not out.exists() and not held(out)
 
 
 def test_an_earlier_runs_metrics_are_not_overwritten_by_a_new_run_or_the_demo(tmp_path, capsys, nothing_loaded):
@@ -129,7 +134,7 @@ def test_an_earlier_runs_metrics_are_not_overwritten_by_a_new_run_or_the_demo(tm
     status, printed = main(["demo", "--output_dir", str(out)]), capsys.readouterr()
     assert status == 2 and f"{out} holds an earlier demo run" in printed.err and "rm -r" in printed.err
     assert (out / "metrics.jsonl").read_text() == json.dumps({"step": 1, "loss": 0.69}) + "\n"
-    assert not rundir._held
+    assert not held(out)
 
 
 def test_non_finite_updates_are_skipped_counted_and_the_last_good_state_saved(tmp_path, capsys):
@@ -153,7 +158,7 @@ def test_non_finite_updates_are_skipped_counted_and_the_last_good_state_saved(tm
     for a, b in zip(*(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (initial, restored))):
         assert np.isfinite(np.asarray(b)).all()
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
-    assert not rundir._held  # released on this exit path too
+    assert not held(out) and (out / rundir.LOCK_FILE).read_text() == ""  # released on this exit path too
 
     resumed = Trainer(options.parse(["--model_name_or_path", model, "--output_dir", str(out), *TRAIN,
                                      "--learning_rate", "1e-3", "--max_steps", "3", "--max_nonfinite_steps", "2",
@@ -174,6 +179,8 @@ def test_a_run_whose_every_step_was_skipped_does_not_say_it_trained(tmp_path, ca
     assert "ran 2 steps but applied no update: all were skipped (loss, gradients or update not finite)" in printed.out
     assert "trained" not in printed.out
     assert (printed.out + printed.err).count("the update was skipped") == 2
+    status, printed = train(capsys, tmp_path / "run", "--save_strategy", "no", model=model)  # not over it
+    assert status == 2 and "already holds the metrics.jsonl of an earlier run" in printed.err
 
 
 def test_the_summary_counts_skipped_steps():

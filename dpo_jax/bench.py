@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -309,6 +310,7 @@ def main(argv: list[str]) -> int:
     forced = [x for k, v in FORCED.items() for x in (f"--{k}", v)]
     results = []
     print(f"dpo-jax bench: {shared['pairs']} pairs, {args.bench_epochs} epochs, logs in {work}", flush=True)
+    shutil.rmtree(work / "dpo_jax_run", ignore_errors=True)  # scratch: a new run refuses an earlier run's files
     spec = {"args": ours_args + forced + ["--output_dir", str(work / "dpo_jax_run")], "epochs": args.bench_epochs,
             "cache": str(work / "cache_ours")}
     results.append(_child("ours", spec, work / "dpo_jax.log"))

@@ -31,6 +31,7 @@ import jax
 from flax import nnx
 
 from . import options as opts
+from . import rundir
 from .data import BUILTIN_DATASETS
 from .errors import UserError
 from .generate import generate_text
@@ -127,6 +128,15 @@ def main(argv: list[str]) -> int:
     values = {**DEMO_OPTIONS, **(SMOKE_OPTIONS if smoke else {}), **opts.parse_values(argv), "eval_on_start": True}
     o = opts.from_dict(values)
     out = Path(o.run.output_dir)
+    with rundir.claim(out):  # the whole demo is one run: its answers and export too, not only the training
+        if old := rundir.earlier_run(out):  # its fixed output_dir must not silently replace a demo already run
+            raise UserError(f"{out} holds an earlier demo run (its {old}): delete it "
+                            f"(rm -r {out}) to run the demo again there, or give another --output_dir")
+        return _run(o, out, smoke, start)
+
+
+def _run(o, out: Path, smoke: bool, start: float) -> int:
+    """The demo into `out`, claimed by the caller."""
     print(f"dpo-jax demo: DPO on {o.run.model_name_or_path} with {o.data.dataset_name}, "
           f"{o.run.max_steps} steps of {o.run.per_device_train_batch_size} pairs; writing to {out}", flush=True)
     # before writing anything: the model must be there

@@ -4,6 +4,7 @@ plots at the end, and a one-screen summary.
 `metrics.jsonl` has one JSON object per logged step (TRL's metric names) and one per evaluation (`eval_*`
 names, as TRL's log history). On resume, rows after the resumed step are dropped first, so the file always
 tells the one history that produced the parameters; TensorBoard gets the same cut (`purge_step`).
+Each train row also has `skipped_steps`: the steps so far whose update was skipped as not finite.
 Only process 0 reports.
 """
 
@@ -147,9 +148,12 @@ def postfix(metrics: dict, tokens_per_second: float) -> dict:
 
 
 def summary(*, final: dict, train: dict, steps: int, tokens: int, seconds: float, out: Path,
-            written: list[str]) -> str:
-    """The one screen printed at the end of training."""
-    lines = [f"dpo-jax: trained {steps} steps in {_duration(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tokens/s)"]
+            written: list[str], skipped: int = 0) -> str:
+    """The one screen printed at the end of training; `skipped` of the `steps` applied no update."""
+    why = "loss, gradients or update not finite"
+    done = (f"ran {steps} steps but applied no update: all were skipped ({why})" if skipped and skipped == steps
+            else f"trained {steps} steps" + (f" ({skipped} skipped: {why})" if skipped else ""))
+    lines = [f"dpo-jax: {done} in {_duration(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tokens/s)"]
     shown = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
     if train:
         lines.append("  last train  " + "  ".join(f"{k}={train[k]:.4f}" for k in shown if k in train))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -71,7 +72,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32: optimizer updates applied
     params: nnx.State  # the policy's trainable parameters
     opt_state: optax.OptState
-    nonfinite_run: jax.Array  # int32: consecutive steps not applied because the loss or gradients were not finite
+    nonfinite_run: jax.Array  # int32: consecutive steps not applied: loss, gradients or updated parameters not finite
     nonfinite_total: jax.Array
 
 
@@ -123,13 +124,16 @@ def split_reference(model, like_policy_remat: bool = False):
     return nnx.split(model, nnx.Param)
 
 
-def check_finite(metrics: dict, max_nonfinite_steps: int) -> None:
-    """Host side, after a step: stop when `max_nonfinite_steps` steps in a row were skipped as not finite."""
-    run = int(metrics["nonfinite_run"])
-    if run >= max_nonfinite_steps:
-        raise UserError(f"the loss or gradients were not finite in the last {run} steps in a row, which were not "
-                        f"applied; training stopped. Lower the learning rate, check the data (audit), train in "
-                        f"float32 instead of bfloat16, or raise max_nonfinite_steps.")
+def check_finite(nonfinite_run: int, max_nonfinite_steps: int, saved: Path | None = None) -> None:
+    """Host side, after a step: stop when `max_nonfinite_steps` steps in a row were skipped as not finite;
+    `saved` is the checkpoint of the last good state, named in the message."""
+    if nonfinite_run >= max_nonfinite_steps:
+        kept = (f"The last good state is saved in {saved}: continue from it with --resume_from_checkpoint true "
+                f"and a change below." if saved else "No checkpoint was saved (save_strategy no).")
+        raise UserError(f"the loss, gradients or updated parameters were not finite in the last {nonfinite_run} "
+                        f"steps in a row, which were not applied; training stopped. {kept} Lower the learning rate, "
+                        f"check the data (dpo-jax audit), train in float32 instead of bfloat16, or raise "
+                        f"max_nonfinite_steps.")
 
 
 # ------------------------------------------------------------------------------------------------ the maths
@@ -258,16 +262,28 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     def update(_):
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), new_opt
-    # only the branch taken runs: a skipped step costs no update, an applied one no select over the state
-    new_params, new_opt = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
-    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=new_params, opt_state=new_opt,
-                           nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
-                           nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+
+    def keep(_):
+        return state.params, state.opt_state
+    # Finite gradients can still make parameters that are not (a huge learning rate, adam_epsilon 0 over a zero
+    # gradient), so those are checked first: XLA fuses that update into the reduction (one more read of the
+    # state, nothing stored), and only the branch taken runs, so a skipped step costs no update.
+    applied = jax.lax.cond(finite, lambda _: all_finite(update(None)[0]), lambda _: jnp.array(False), None)
+    new_params, new_opt = jax.lax.cond(applied, update, keep, None)
+    new_state = TrainState(step=state.step + applied.astype(jnp.int32), params=new_params, opt_state=new_opt,
+                           nonfinite_run=jnp.where(applied, 0, state.nonfinite_run + 1),
+                           nonfinite_total=state.nonfinite_total + (~applied).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, **losses.finish_metrics(sums),
-               "nonfinite_run": new_state.nonfinite_run, "applied": finite}
+               "nonfinite_run": new_state.nonfinite_run, "applied": applied,
+               "skipped_steps": new_state.nonfinite_total}
     if "sft" in parts:
         metrics["nll_loss"] = parts["sft"] / jnp.maximum(counts["chosen_tokens"], 1)
     return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every array in `tree` is finite (one reduction per array, no host sync)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def eval_sums(params, ref_params, batch: dict, *, graphdef, ref_graphdef, cfg: StepConfig) -> dict:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import audit, lora, memory, reference, report
+from . import audit, lora, memory, reference, report, rundir
 from . import options as opts
 from . import step as S
 from .batching import BatchIterator, Prefetcher, load_pairs
@@ -171,11 +171,25 @@ class Trainer:
         if not options.run.model_name_or_path or not options.run.output_dir:
             raise UserError("train needs --model_name_or_path and --output_dir")
         report.validate(options.run.report_to)
+        # before loading anything: a directory that cannot be written, or that another run is writing, is refused
+        # now; the lock is held until train() ends (only process 0's: all of them share output_dir)
+        self.claim = rundir.claim(options.run.output_dir, enabled=jax.process_index() == 0)
+        try:
+            self._build(options, test_split_asked)
+        except BaseException:
+            self.claim.release()
+            raise
+
+    def _build(self, options: Options, test_split_asked: bool | None) -> None:
         resume = (options.run.resume_from_checkpoint or "false").lower() != "false"
-        old = Path(options.run.output_dir) / "checkpoints"
-        if not resume and old.is_dir() and any(p.name.isdigit() for p in old.iterdir()):
-            raise UserError(f"{options.run.output_dir} already holds checkpoints of a run: continue it with "
-                            f"--resume_from_checkpoint true, or give another output_dir (or delete {old})")
+        out = Path(options.run.output_dir)
+        old = None if resume else rundir.earlier_run(out)
+        if old == "checkpoints":
+            raise UserError(f"{out} already holds checkpoints of a run: continue it with --resume_from_checkpoint "
+                            f"true, or give another output_dir (or delete {out / old})")
+        if old:  # a finished run's work is never overwritten, even without checkpoints
+            raise UserError(f"{out} already holds the {old} of an earlier run (which saved no checkpoint to "
+                            f"continue): give another output_dir, or delete {out / old} to start again there")
         local = {k: str(Path(v).absolute()) for k in ("model_name_or_path", "ref_model_name_or_path")
                  if (v := getattr(options.run, k)) and Path(v).exists()}  # checkpoints name the models absolutely
         data = options.data
@@ -351,7 +365,14 @@ class Trainer:
     def train(self) -> dict:
         """Train to `total_steps` (`finished`), or until SIGTERM / Ctrl-C (`stopped_by`), evaluating
         and checkpointing on the way; returns the final evaluation (empty without a test split, or when
-        stopped early)."""
+        stopped early). Raises UserError, after saving the last good state, when max_nonfinite_steps steps
+        in a row were skipped. Releases output_dir's lock however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.claim.release()
+
+    def _train(self) -> dict:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = Checkpoints(self.out / "checkpoints", max_to_keep=self.o.run.save_total_limit)
@@ -373,7 +394,7 @@ class Trainer:
         bar = report.progress(self.total_steps, start, self.main)
         say = bar.write if self.main else (lambda _: None)
         eval_every = self.o.run.eval_steps or self.o.run.logging_steps
-        step, tokens, seconds, last, final = start, 0, 0.0, {}, {}
+        step, tokens, seconds, last, final, skipped = start, 0, 0.0, {}, {}, 0
         saving = self.o.run.save_strategy != "no"
         self.first_eval = {}
         feed = Prefetcher(self.batches)
@@ -386,7 +407,6 @@ class Trainer:
                 batch = next(feed)
                 self.state, metrics = self.train_step(self.state, self.ref, S.put_batch(_arrays(batch), self.mesh))
                 metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-                S.check_finite(metrics, self.o.run.max_nonfinite_steps)
                 now = time.perf_counter()
                 n = batch_tokens(batch) * jax.process_count()  # each process holds its share of the rows
                 tokens, seconds, elapsed, tick = tokens + n, seconds + now - tick, now - tick, now
@@ -395,13 +415,17 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(report.postfix(metrics, n / elapsed), refresh=False)
                 if not metrics.pop("applied"):
-                    say(f"step {step}: loss or gradients not finite; the update was skipped")
-                metrics.pop("nonfinite_run")
-                if step % self.o.run.logging_steps == 0 or step == self.total_steps:
+                    skipped += 1
+                    say(f"step {step}: loss, gradients or update not finite; the update was skipped")
+                nonfinite_run = int(metrics.pop("nonfinite_run"))
+                stuck = nonfinite_run >= self.o.run.max_nonfinite_steps
+                if step % self.o.run.logging_steps == 0 or step == self.total_steps or stuck:
                     # learning_rate as TRL logs it: the schedule's value after this step's update
                     last = {**metrics, "learning_rate": float(self.schedule(step)),
                             "epoch": step / self.batches.steps_per_epoch, "tokens_per_second": n / elapsed}
                     reporter.log(step, last)
+                if stuck:  # the skipped steps left the state as it was: save that, then stop
+                    S.check_finite(nonfinite_run, self.o.run.max_nonfinite_steps, self._save_last_good(step, feed))
                 # decided once per step, by all processes together: a signal seen by some hosts (or arriving
                 # later in this step) stops all of them after the same step
                 stop = _agree_on_stop(self.stopped_by) if jax.process_count() > 1 else self.stopped_by
@@ -440,8 +464,19 @@ class Trainer:
             report.plot(self.out / "metrics.jsonl", self.out / "plots.png")
             written.append("plots.png")
             print(report.summary(final=final, train=last, steps=step - start, tokens=tokens, seconds=seconds,
-                                 out=self.out, written=written))
+                                 out=self.out, written=written, skipped=skipped))
         return final
+
+    def _save_last_good(self, step: int, feed) -> Path | None:
+        """Checkpoint the state (unchanged by the skipped steps) at `step`, with its count of skipped steps in a
+        row reset so that a resumed run gets max_nonfinite_steps tries again; its path, or None with
+        save_strategy no."""
+        if self.o.run.save_strategy == "no":
+            return None
+        state = self.state._replace(nonfinite_run=self.state.nonfinite_run * 0)
+        self.checkpoints.save(step, state, feed.state_dict(), opts.to_dict(self.o))
+        self.checkpoints.wait()
+        return self.checkpoints.directory / str(step)
 
 
 def _agree_on_stop(signal_number: int | None) -> int | None:

@@ -43,6 +43,11 @@ CASES = {
     "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
     # TRL's MPO example: several losses weighted, sft averaged over the batch's chosen tokens, not its pairs
     "mpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+    # every other loss type TRL has, in one run (each term changes the loss and the gradients); sppo_hard's term is
+    # ~50 at the start, so it is weighted down to the others' size; exo_pair needs label_smoothing > 0
+    "the_others": {"loss_type": ["hinge", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard", "discopop",
+                                 "sigmoid_norm", "aot", "aot_unpaired"],
+                   "loss_weights": [1.0, 1.0, 1.0, 1.0, 1.0, 0.02, 1.0, 1.0, 1.0, 1.0], "label_smoothing": 1e-3},
 }
 # LoRA moves the model more slowly: a larger learning rate and beta, so that rewards leave rounding noise and
 # grad_norm passes 1.0

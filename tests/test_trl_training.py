@@ -31,23 +31,24 @@ PAIRS = [
     {"prompt": "Sure, here is", "chosen": " a short answer.", "rejected": " the capital of France, Paris."},
 ]
 STEPS = 3
-# Shared by both sides (TRL's names). Weight decay is on so that its masking (matrices only, not biases and norms,
-# which this model has) is compared too.
-SETTINGS = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "weight_decay": 0.1, "max_grad_norm": 1.0,
+# Shared by both sides (TRL's names). Weight decay is large so that its masking (matrices only, not biases and
+# norms, which this model has) shows: decaying the norms and biases too moves step 2's rewards by 1.6e-3 relative,
+# 16 times RTOL (0.1 would move them by about the tolerance itself).
+SETTINGS = {"learning_rate": 3e-4, "lr_scheduler_type": "constant", "weight_decay": 1.0, "max_grad_norm": 1.0,
             "beta": 0.1, "label_smoothing": 0.0, "max_length": 64, "seed": 42}
 # case -> its loss (and settings that differ). Chosen so that grad_norm exceeds max_grad_norm in some step (so
 # the clipping is compared; asserted) and the rewards grow far past float32 rounding of the log-probs.
 CASES = {
     "sigmoid": {"loss_type": ["sigmoid"]},
     "ipo": {"loss_type": ["ipo"]},  # length-averaged: TRL's completion_mask.sum
-    "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
     # TRL's MPO example: several losses weighted, sft averaged over the batch's chosen tokens, not its pairs
     "mpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
-    # every other loss type TRL has, in one run (each term changes the loss and the gradients); sppo_hard's term is
-    # ~50 at the start, so it is weighted down to the others' size; exo_pair needs label_smoothing > 0
-    "the_others": {"loss_type": ["hinge", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard", "discopop",
-                                 "sigmoid_norm", "aot", "aot_unpaired"],
-                   "loss_weights": [1.0, 1.0, 1.0, 1.0, 1.0, 0.02, 1.0, 1.0, 1.0, 1.0], "label_smoothing": 1e-3},
+    # every other loss type TRL has, in one run to keep the suite fast (each term changes the loss and the
+    # gradients); sppo_hard's term is ~50 at the start, so it is weighted down to the others' size; label_smoothing
+    # enters robust, exo_pair, aot and aot_unpaired
+    "the_others": {"loss_type": ["robust", "hinge", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard",
+                                 "discopop", "sigmoid_norm", "aot", "aot_unpaired"],
+                   "loss_weights": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.02, 1.0, 1.0, 1.0, 1.0], "label_smoothing": 0.1},
 }
 # LoRA moves the model more slowly: a larger learning rate and beta, so that rewards leave rounding noise and
 # grad_norm passes 1.0

@@ -85,7 +85,7 @@ def lora_targets(o: Options):
 
 # options that belong to one launch, not to the run: never "changed" on resume
 PER_LAUNCH = ("resume_from_checkpoint", "coordinator_address", "num_processes", "process_id", "distributed",
-              "compilation_cache_dir", "memory_limit_gb")
+              "compilation_cache_dir", "memory_limit_gb", "trust_remote_code")
 
 
 class Models(NamedTuple):

@@ -76,7 +76,7 @@ def test_unreachable_repo_id_is_a_clear_error():
 
 def test_cli_error_exit_status_and_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dpo_jax", "demo", "--model_name_or_path", str(tmp_path / "x")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, cwd=tmp_path)  # not over the checkout's runs/demo
     assert result.returncode == 2
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
 

@@ -65,7 +65,9 @@ def test_a_run_that_does_not_fit_stops_before_loading(tmp_path, capsys):
     assert "memory plan, per device:" in captured.out and "device memory" in captured.out
     assert "needs about" in captured.err and "--use_peft true" in captured.err
     assert "--precompute_ref_log_probs true" in captured.err and "Traceback" not in captured.err
-    assert not (tmp_path / "o").exists()
+    # the data audit comes before the memory plan: a refused run leaves its audit, and nothing else
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".dpo-jax.lock", "data_audit.json"]
+    assert (tmp_path / "o" / ".dpo-jax.lock").read_text() == ""  # released
 
 
 def test_lora_and_a_precomputed_reference_shrink_the_plan():

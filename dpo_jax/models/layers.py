@@ -150,8 +150,9 @@ def rope_inv_freq(head_dim: int, params: dict, model_type: str) -> tuple[tuple[f
     """Inverse frequencies [E/2] and the attention scaling for a transformers `rope_parameters` dict.
 
     Supports rope_type default, linear and llama3 (Llama 3.1+ long-context scaling). Computed in float32
-    as transformers does, so the frequencies agree to the bit (rounding them from float64 instead moves
-    logits by ~3e-5 at position 4096). Returned as Python floats to live in the static model config.
+    as transformers does, with the power correctly rounded, so the frequencies agree to the bit with a
+    correctly rounded float32 pow (rounding the whole table from float64 instead moves logits by ~3e-5 at
+    position 4096). Returned as Python floats to live in the static model config.
     """
     rope_type = params.get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
@@ -162,7 +163,10 @@ def rope_inv_freq(head_dim: int, params: dict, model_type: str) -> tuple[tuple[f
         raise CheckpointError(f"{model_type}: partial_rotary_factor with rope_type {rope_type!r} is not supported")
     theta = np.float32(params["rope_theta"])
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = np.float32(1.0) / (theta ** exponents)
+    # theta ** exponent correctly rounded to float32 (through float64): float32 pow itself differs by an ulp
+    # between numpy and torch, and between CPU kernels (torch's AVX2 and AVX-512 paths disagree), while the
+    # correctly rounded value is one table everywhere
+    inv_freq = np.float32(1.0) / (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
     if rope_type == "linear":
         inv_freq = inv_freq / np.float32(params["factor"])
     elif rope_type == "llama3":

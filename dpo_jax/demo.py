@@ -43,7 +43,9 @@ DEMO_OPTIONS = {
     "learning_rate": 5e-5, "max_steps": 32, "per_device_train_batch_size": 4, "beta": 0.1,
     "eval_steps": 16, "eval_on_start": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
 }
-SMOKE_OPTIONS = {"max_steps": 2, "dataset_test_split": "test[:8]", "eval_steps": 100, "logging_steps": 1}
+# its own output_dir: a smoke run never takes the place of the real demo's (which refuses an earlier run's)
+SMOKE_OPTIONS = {"max_steps": 2, "dataset_test_split": "test[:8]", "eval_steps": 100, "logging_steps": 1,
+                 "output_dir": "runs/demo-smoke"}
 SAMPLE = "builtin:sample"
 PROMPTS = {"direct": 3, "fact": 1, "refusal": 1}  # held-out prompts per category, in the test split's order
 MAX_NEW_TOKENS, SMOKE_NEW_TOKENS = 64, 8

@@ -266,8 +266,10 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
     def keep(_):
         return state.params, state.opt_state
     # Finite gradients can still make parameters that are not (a huge learning rate, adam_epsilon 0 over a zero
-    # gradient), so those are checked first: XLA fuses that update into the reduction (one more read of the
-    # state, nothing stored), and only the branch taken runs, so a skipped step costs no update.
+    # gradient), so those are checked first: XLA fuses that update into the reduction, so the check costs one
+    # more pass over params, grads and the moments (memory-bound: about 16 bytes a parameter per device, a few
+    # ms per step for an 8B model on 8 chips) and stores nothing; selecting a stored update instead would hold
+    # a second copy of the state. Only the branch taken runs, so a skipped step costs no update.
     applied = jax.lax.cond(finite, lambda _: all_finite(update(None)[0]), lambda _: jnp.array(False), None)
     new_params, new_opt = jax.lax.cond(applied, update, keep, None)
     new_state = TrainState(step=state.step + applied.astype(jnp.int32), params=new_params, opt_state=new_opt,

@@ -183,6 +183,8 @@ class Trainer:
     def _build(self, options: Options, test_split_asked: bool | None) -> None:
         resume = (options.run.resume_from_checkpoint or "false").lower() != "false"
         out = Path(options.run.output_dir)
+        # resuming: checkpoints are continued; a metrics.jsonl with no checkpoint is set aside when training
+        # starts from step 0 (`_keep_earlier_metrics`)
         old = None if resume else rundir.earlier_run(out)
         if old == "checkpoints":
             raise UserError(f"{out} already holds checkpoints of a run: continue it with --resume_from_checkpoint "
@@ -378,6 +380,8 @@ class Trainer:
         self.checkpoints = Checkpoints(self.out / "checkpoints", max_to_keep=self.o.run.save_total_limit)
         try:
             start = self._resume()
+            if start == 0 and self.main:
+                self._keep_earlier_metrics()
             reporter = report.Reporter(self.out, self.o.run.report_to, start_step=start, enabled=self.main,
                                        run_name=self.out.name, config=opts.to_dict(self.o))
         except BaseException:
@@ -466,6 +470,16 @@ class Trainer:
             print(report.summary(final=final, train=last, steps=step - start, tokens=tokens, seconds=seconds,
                                  out=self.out, written=written, skipped=skipped))
         return final
+
+    def _keep_earlier_metrics(self) -> None:
+        """A resumed run with no checkpoint to resume starts from step 0: an earlier run's metrics.jsonl (one with
+        save_strategy no, or stopped before its first save) is renamed, not replaced."""
+        if rundir.earlier_run(self.out) != "metrics.jsonl":
+            return
+        kept = self.out / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        (self.out / "metrics.jsonl").rename(kept)
+        log.warning("%s holds no checkpoint to resume, so this run starts from step 0; the earlier run's "
+                    "metrics.jsonl is kept as %s", self.out, kept.name)
 
     def _save_last_good(self, step: int, feed) -> Path | None:
         """Checkpoint the state (unchanged by the skipped steps) at `step`, with its count of skipped steps in a

@@ -137,6 +137,19 @@ def test_an_earlier_runs_metrics_are_not_overwritten_by_a_new_run_or_the_demo(tm
     assert not held(out)
 
 
+def test_resuming_with_no_checkpoint_keeps_the_earlier_runs_metrics(tmp_path, capsys, caplog):
+    model = tiny_model(tmp_path / "model")
+    out = tmp_path / "run"
+    assert train(capsys, out, "--max_steps", "1", "--save_strategy", "no", model=model)[0] == 0
+    first = (out / "metrics.jsonl").read_text()
+    status, _ = train(capsys, out, "--max_steps", "2", "--save_strategy", "no", "--resume_from_checkpoint", "true",
+                      model=model)
+    kept = list(out.glob("metrics.before-*.jsonl"))
+    assert status == 0 and len(kept) == 1 and kept[0].read_text() == first
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    assert "is kept as metrics.before-" in caplog.text
+
+
 def test_non_finite_updates_are_skipped_counted_and_the_last_good_state_saved(tmp_path, capsys):
     """A learning rate past float32's range: loss and gradients are finite, the update is not, so every step is
     skipped. After max_nonfinite_steps the run stops (exit 2) naming the checkpoint it saved, which holds the

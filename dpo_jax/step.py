@@ -99,15 +99,41 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, donate: bool = False) -> TrainState:
-    """The initial state, built under jit so that the optimizer state is laid out like the parameters (and
-    scalars replicated) on their mesh, with its own buffers (the state is donated to the step). With `donate`
-    the state takes over `params`' buffers (no copy; `params` cannot be used afterwards)."""
+    """The initial state, built under jit with explicit output shardings (`train_state_shardings`): the optimizer's
+    moments split like their parameters, scalars replicated, each with its own buffers (the state is donated to
+    the step). With `donate` the state takes over `params`' buffers (no copy; `params` cannot be used afterwards)."""
     def init(p):
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, p, tx.init(p), zero, zero)
+    shardings = train_state_shardings(params, tx)
     if donate:
-        return jax.jit(init, donate_argnums=0)(params)
-    return jax.jit(init)(jax.tree.map(jnp.copy, params))
+        return jax.jit(init, donate_argnums=0, out_shardings=shardings)(params)
+    return jax.jit(init, out_shardings=shardings)(jax.tree.map(jnp.copy, params))
+
+
+def train_state_shardings(params, tx: optax.GradientTransformation) -> TrainState | None:
+    """The sharding of every leaf of the training state built from `params` (arrays placed on a mesh, or
+    `jax.ShapeDtypeStruct`s with shardings): the parameters keep theirs, every optimizer-state array shaped like a
+    parameter (AdamW's mu and nu, an accumulator) takes its parameter's, everything else (counts, the step) is
+    replicated. None when the parameters are not on a mesh (one device). Without this, `tx.init` under jit gives
+    replicated moments: an 8B model's AdamW state whole on every chip."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not flat or not isinstance(getattr(flat[0][1], "sharding", None), NamedSharding):
+        return None
+    replicated = NamedSharding(flat[0][1].sharding.mesh, PartitionSpec())
+    by_path = {tuple(path): (leaf.shape, leaf.sharding) for path, leaf in flat}
+
+    def place(path, leaf):  # an optimizer array is its parameter's when its path ends with the parameter's path
+        for start in range(len(path)):
+            shape, found = by_path.get(tuple(path[start:]), (None, None))
+            if found is not None and shape == leaf.shape:
+                return found
+        return replicated
+
+    abstract = jax.eval_shape(lambda p: tx.init(p), params)
+    return TrainState(step=replicated, params=jax.tree.map(lambda x: x.sharding, params),
+                      opt_state=jax.tree_util.tree_map_with_path(place, abstract),
+                      nonfinite_run=replicated, nonfinite_total=replicated)
 
 
 def split_policy(model, gradient_checkpointing: bool):

@@ -13,40 +13,13 @@ TRL's `completion_mask[..., 1:]`: a completion's first token is not counted when
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import jax
 import jax.numpy as jnp
 
-CHUNK_BYTES = 64 * 2**20  # float32 logits held per chunk, summed over the rows of the batch
-KEEP_BYTES = 2**30  # whole-batch float32 logits up to this size are kept, not chunked and recomputed
+from .sharding import constrain_rows, gather_weight, rows_per_device, vocab_per_device
 
-
-# The mesh whose data x fsdp devices split the rows, while a step is traced (`on_mesh`); None: no hints.
-_MESH: contextvars.ContextVar = contextvars.ContextVar("dpo_jax_activation_mesh", default=None)
-
-
-@contextlib.contextmanager
-def on_mesh(mesh):
-    """Trace the step's log-probs with sharding hints for `mesh`: the hidden states and the head's logits stay
-    split by rows over data x fsdp (and the vocabulary over tensor). Without them XLA may gather the rows of
-    the whole batch onto every device for the head's matmul, whose contraction axis is fsdp-sharded."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
-
-
-def _rows_split(x: jax.Array, *rest) -> jax.Array:
-    mesh = _MESH.get()
-    if mesh is None:
-        return x
-    axes = [("data", "fsdp"), *rest]
-    sizes = [mesh.shape["data"] * mesh.shape["fsdp"]] + [mesh.shape[a] if a else 1 for a in rest]
-    axes = [a if dim % size == 0 else None for a, dim, size in zip(axes, x.shape, sizes)]  # else replicated
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes)))
+CHUNK_BYTES = 64 * 2**20  # float32 logits held per chunk on one device, summed over its rows
+KEEP_BYTES = 2**30  # one device's float32 logits up to this size are kept, not chunked and recomputed
 
 
 def chunk_length(length: int, rows: int, vocab: int, budget: int = CHUNK_BYTES) -> int:
@@ -55,9 +28,10 @@ def chunk_length(length: int, rows: int, vocab: int, budget: int = CHUNK_BYTES) 
 
 
 def head_chunks(length: int, rows: int, vocab: int) -> tuple[int, bool]:
-    """(positions per chunk, whether chunks are recomputed in the backward pass): the whole sequence in one
-    piece, kept for the backward pass, when its float32 logits fit in KEEP_BYTES (recomputing them costs a
-    seventh of a small model's backward pass); else CHUNK_BYTES chunks, recomputed."""
+    """(positions per chunk, whether chunks are recomputed in the backward pass) for `rows` x `vocab` logits per
+    device: the whole sequence in one piece, kept for the backward pass, when its float32 logits fit in
+    KEEP_BYTES (recomputing them costs a seventh of a small model's backward pass); else CHUNK_BYTES chunks,
+    recomputed. Sized from one device's share, so that adding devices does not shrink the chunks."""
     if 4 * rows * length * vocab <= KEEP_BYTES:
         return length, False
     return chunk_length(length, rows, vocab), True
@@ -141,20 +115,24 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
     """log p(targets[t]) and the mean logit, both from the logits at position source[t]; [N, T] each."""
     n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
-    hidden_NxTxD = _rows_split(jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1))
-    c, recompute = (chunk, True) if chunk else head_chunks(t, n, model.config.vocab_size)
+    hidden_NxTxD = constrain_rows(jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1))
+    c, recompute = (chunk, True) if chunk else head_chunks(t, rows_per_device(n),
+                                                           vocab_per_device(model.config.vocab_size))
     c = min(c, t)
     k = -(-t // c)
     if k * c != t:  # pad the sequence to whole chunks; the padded positions are dropped below
         hidden_NxTxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, k * c - t), (0, 0)))
         targets_NxT = jnp.pad(targets_NxT, ((0, 0), (0, k * c - t)))
 
+    # the head's weight gathered over fsdp once, before the loop over chunks (else once per chunk)
+    weight = gather_weight(model.output_head())
+
     @(jax.checkpoint if recompute else (lambda f: f))
-    def head(hidden_NxCxD, targets_NxC):
-        logits_NxCxV = _rows_split(model.logits(hidden_NxCxD).astype(wide), None, "tensor")
+    def head(hidden_NxCxD, targets_NxC, weight):
+        logits_NxCxV = constrain_rows(model.logits(hidden_NxCxD, weight).astype(wide), None, "tensor")
         target_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
         return target_NxC - jax.nn.logsumexp(logits_NxCxV, axis=-1), logits_NxCxV.mean(axis=-1)
 
-    token_logp, mean_logit = jax.lax.map(lambda xs: head(*xs), (hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1),
-                                                                  targets_NxT.reshape(n, k, c).swapaxes(0, 1)))
+    token_logp, mean_logit = jax.lax.map(lambda xs: head(*xs, weight), (hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1),
+                                                                      targets_NxT.reshape(n, k, c).swapaxes(0, 1)))
     return (token_logp.swapaxes(0, 1).reshape(n, k * c)[:, :t], mean_logit.swapaxes(0, 1).reshape(n, k * c)[:, :t])

@@ -15,6 +15,8 @@ TRL's `completion_mask[..., 1:]`: a completion's first token is not counted when
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -138,23 +140,28 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk
         hidden_NxTxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, k * c - t), (0, 0)))
         targets_NxT = jnp.pad(targets_NxT, ((0, 0), (0, k * c - t)))
 
-    # the head's weight gathered over fsdp once, before the loop over chunks (else once per chunk)
-    weight = gather_weight(model.output_head())
+    # the head's weight gathered over fsdp and cast to the compute dtype once, before the loop over chunks (else
+    # once per chunk)
+    weight = gather_weight(model.output_head()).astype(hidden_NxTxD.dtype)
 
-    @(jax.checkpoint if recompute else (lambda f: f))
     def head(hidden_NxCxD, targets_NxC, weight):
         logits_NxCxV = constrain_rows(model.logits(hidden_NxCxD, weight).astype(wide), None, "tensor")
         target_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
         return target_NxC - jax.nn.logsumexp(logits_NxCxV, axis=-1), logits_NxCxV.mean(axis=-1)
 
-    def chunk_or_skip(xs):
-        j, hidden_NxCxD, targets_NxC = xs
+    def skip(hidden_NxCxD, targets_NxC, weight):
         none = jnp.zeros(targets_NxC.shape, wide)
-        return jax.lax.cond(j * c < targets_needed, lambda: head(hidden_NxCxD, targets_NxC, weight),
-                            lambda: (none, none))
+        return none, none
+
+    # The cond runs inside a checkpoint: inside a scan, a cond's residuals are stacked per iteration, the head's
+    # weight among them (an 8B model's head 64 times over), while a checkpoint's residuals are its inputs, which
+    # the scan keeps once as loop-invariant. Kept chunks save everything (no recomputation), as without the cond.
+    @functools.partial(jax.checkpoint, policy=None if recompute else jax.checkpoint_policies.everything_saveable)
+    def chunk_or_skip(j, hidden_NxCxD, targets_NxC, weight):
+        return jax.lax.cond(j * c < targets_needed, head, skip, hidden_NxCxD, targets_NxC, weight)
 
     chunks = (jnp.arange(k), hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1), targets_NxT.reshape(n, k, c).swapaxes(0, 1))
-    token_logp, mean_logit = jax.lax.map(chunk_or_skip, chunks)
+    token_logp, mean_logit = jax.lax.map(lambda xs: chunk_or_skip(*xs, weight), chunks)
     back_NxT = jnp.argsort(order_NxT, axis=1)  # each position's place in the gathered order
     keep = valid_NxT.astype(wide)
     return tuple(jnp.take_along_axis(x.swapaxes(0, 1).reshape(n, k * c)[:, :t], back_NxT, axis=1) * keep

@@ -13,6 +13,7 @@ from jax.experimental import io_callback
 from dpo_jax import options
 from dpo_jax import trainer as T
 from dpo_jax.batching import BatchIterator, Prefetcher
+from dpo_jax.checkpoint import Checkpoints
 from dpo_jax.trainer import Trainer
 from test_batching import random_pairs
 from test_trainer import tiny_model
@@ -32,9 +33,9 @@ def batch_shapes(batches, steps: int) -> list[tuple]:
 
 
 class Gated:
-    """The real compiled step, its metrics held back on the devices (a host callback in a program that reads
-    them) until the next step is dispatched, for the steps the loop should read one step late. Reading such a
-    step's metrics earlier blocks until `patience` runs out, and is recorded in `early`."""
+    """A real compiled step (train: its metrics; eval: its sums) held back on the devices (a host callback in a
+    program that reads them) until the next step is dispatched, for the steps in `pipelined`. Reading such a
+    step's outputs earlier blocks until `patience` runs out, and is recorded in `early`."""
 
     def __init__(self, step, pipelined: set[int], patience: float = 120.0):
         self.step, self.pipelined, self.patience = step, pipelined, patience
@@ -52,14 +53,14 @@ class Gated:
             return jax.lax.optimization_barrier((metrics, token))[0]
         self.gate = gate
 
-    def __call__(self, state, ref, batch):
+    def __call__(self, *args):
         n = len([e for e in self.events if e[0] == "dispatch"]) + 1
         self.released[n] = threading.Event()
-        state, metrics = self.step(state, ref, batch)
+        out = self.step(*args)
         self.events.append(("dispatch", n))
         if n - 1 in self.released:
             self.released[n - 1].set()
-        return state, self.gate(metrics, n)
+        return (out[0], self.gate(out[1], n)) if isinstance(out, tuple) else self.gate(out, n)
 
 
 def test_step_n_plus_1_is_dispatched_before_step_n_is_read(tmp_path):
@@ -96,9 +97,23 @@ def test_step_n_plus_1_is_dispatched_before_step_n_is_read(tmp_path):
         for key, value in a.items():
             if key not in ("tokens_per_second",):
                 assert b[key] == value, (a["step"], key)
-    assert trainer.checkpoints.steps() == [3, 6, 7]
+    assert Checkpoints(tmp_path / "gated" / "checkpoints", create=False).steps() == [3, 6, 7]
     for a, b in zip(T.params_numpy(plain.state), T.params_numpy(trainer.state)):
         np.testing.assert_array_equal(b, a)
+
+
+def test_an_evaluation_reads_its_sums_once_at_the_end(tmp_path):
+    """Every batch's sums but the last are held back until the next batch is dispatched: the evaluation
+    dispatches them all before it reads anything, and gives the metrics of the plain evaluation."""
+    model = tiny_model(tmp_path / "model")
+    trainer = Trainer(options.parse(["--model_name_or_path", model, "--output_dir", str(tmp_path / "run"), *ARGS,
+                                     "--dataset_test_split", "test[:24]", "--per_device_eval_batch_size", "1"]))
+    steps = trainer.eval_batches.steps_per_epoch
+    assert steps == 3
+    gated = Gated(trainer.eval_step, pipelined=set(range(1, steps)))
+    held = T.eval_metrics(gated, trainer.state.params, trainer.ref, trainer.eval_batches, trainer.mesh, trainer.cfg)
+    assert gated.early == [] and [e[1] for e in gated.events] == [1, 2, 3]
+    assert held == trainer.evaluate() and "eval_rewards/margins" in held
 
 
 def test_prefetcher_puts_batches_on_the_devices_and_walks_one_epoch():

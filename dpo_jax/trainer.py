@@ -501,10 +501,10 @@ class Trainer:
         """Read step `d`'s metrics (the loop's wait for the devices) and act on them: its time, tokens, progress
         bar and on_step; the skipped-step message; the log line; the stop the processes agreed on. A step's
         time ends when its metrics come back and starts when the step before's did (the devices ran it in
-        between), or when its batch was taken if that is later (after an evaluation or a save, not timed). With `latest`
-        (no step dispatched after `d`: the state is the one after it) also what needs that state: stop after
-        max_nonfinite_steps skipped in a row, saving the last good state; evaluate at eval_steps; checkpoint at
-        save_steps, at the end and when stopping. True when the loop stops here."""
+        between), or when its batch was taken if that is later (after an evaluation or a save, not timed).
+        With `latest` (no step dispatched after `d`: the state is the one after it) also what needs that state:
+        stop after max_nonfinite_steps skipped in a row, saving the last good state; evaluate at eval_steps;
+        checkpoint at save_steps, at the end and when stopping. True when the loop stops here."""
         o = self.o.run
         several = jax.process_count() > 1
         metrics = _agree_on_stop(d.metrics, self.stopped_by, self.mesh) if several else d.metrics
@@ -513,7 +513,7 @@ class Trainer:
         metrics = {k: float(v) for k, v in metrics.items()}
         # with several processes decided by all together (from the step's metrics): a signal seen by some hosts
         # stops all of them after the same step
-        signal_number = int(metrics.pop("stop")) or None if several else self.stopped_by
+        signal_number = (int(metrics.pop("stop")) or None) if several else self.stopped_by
         run.stop = run.stop or signal_number
         begin = max(run.end, d.tick)  # pipelined: the step before ended (its metrics came back) after d's dispatch
         n = batch_tokens(d.batch) * jax.process_count()  # each process holds its share of the rows

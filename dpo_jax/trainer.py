@@ -543,6 +543,8 @@ class Trainer:
             reporter.log(d.step, self.evaluate())
         saving = o.save_strategy != "no"
         if saving and (d.step % o.save_steps == 0 or last or run.stop):
+            # Orbax copies the arrays to the host before save() returns (the files are written in the
+            # background), so the next dispatch may donate them
             self.checkpoints.save(d.step, self.state, d.position, opts.to_dict(self.o))
         if run.stop and not last:
             self.stopped_by = run.stop

@@ -6,7 +6,9 @@ the same pairs (default 2); the last epoch is measured, so both sides time the s
 falls in the first epoch. Reported per side:
 
 - pairs/s and tokens/s over the measured epoch (real tokens the step computes: padding excluded, a shared
-  prompt counted once), and the median step time;
+  prompt counted once), and the median step time (ours: from the moment the step before's metrics came back
+  to the moment its own did, as the loop dispatches each step before it reads the one before; so the steps'
+  times add up to the epoch's wall time);
 - useful FLOP/s: per real token 2P + 4 L A (p + 1) for a forward pass (P matmul parameters including the
   output head, L layers, A = heads x head dim, p the token's position), times 3 for the policy's forward and
   backward, plus 1 for a live reference; recomputation (remat) is not counted as useful;

@@ -2,8 +2,14 @@
 
 A run writes to `output_dir`: `metrics.jsonl`, TensorBoard events under `runs/`, `checkpoints/<step>/`
 (Orbax: state, data position, options), the reference log-prob cache `ref_logps/` when precomputed, and at the
-end `plots.png`. SIGTERM (a TPU VM's preemption) or Ctrl-C saves a checkpoint at the current step and exits;
+end `plots.png`. SIGTERM (a TPU VM's preemption) or Ctrl-C stops the run at most one step after the one running
+(two with several processes, all after the same step), saves a checkpoint there and exits;
 `--resume_from_checkpoint true` continues from the newest readable checkpoint exactly where it stopped.
+
+The loop keeps the devices busy: the feed's thread builds the next batches and starts their copies to the
+devices, and step n + 1 is dispatched before step n's metrics are read, the loop's only wait for the devices.
+A step whose state the host needs (evaluated, saved, the last, one that may end a run of skipped steps, one
+after a stop) is read before the next is dispatched, since dispatching donates it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from . import audit, lora, memory, reference, report, rundir
 from . import options as opts
@@ -150,13 +157,18 @@ def build_models(o: Options, mesh, dtype) -> Models:
 
 
 def eval_metrics(evaluate, params, ref, batches: BatchIterator, mesh, cfg: S.StepConfig) -> dict:
-    """TRL's eval_* metrics over every pair of `batches` (one ordered epoch)."""
+    """TRL's eval_* metrics over every pair of `batches` (one ordered epoch). The batches are built and put on
+    the devices ahead in a thread, the sums added on the devices and read once, at the end."""
     sums = None
-    for s in range(batches.steps_per_epoch):
-        batch = S.put_batch(_arrays(batches.batch(0, s)), mesh)
-        out = evaluate(params, ref, batch)
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    return {f"eval_{k}": float(v) for k, v in S.finish_eval(jax.tree.map(float, sums), cfg).items()}
+    feed = Prefetcher(batches, put=functools.partial(device_batch, mesh=mesh), epoch=0)
+    try:
+        for _, arrays in feed:
+            out = evaluate(params, ref, arrays)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    finally:
+        feed.close()
+    sums = jax.tree.map(float, jax.device_get(sums))
+    return {f"eval_{k}": float(v) for k, v in S.finish_eval(sums, cfg).items()}
 
 
 def make_batches(o: Options, pairs, *, global_batch_size: int, pad_token_id: int, train: bool,
@@ -172,6 +184,11 @@ def make_batches(o: Options, pairs, *, global_batch_size: int, pad_token_id: int
 
 def _arrays(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "index"}
+
+
+def device_batch(batch: dict, mesh) -> dict:
+    """The step's arguments from a host batch, split over the mesh (the copies run asynchronously)."""
+    return S.put_batch(_arrays(batch), mesh)
 
 
 def batch_tokens(batch: dict) -> int:
@@ -403,6 +420,8 @@ class Trainer:
             self.checkpoints.close()
             raise
         self.stopped_by, self.finished = None, False
+        # read once, before the loop: whether the first step could end a run of max_nonfinite_steps
+        run = Progress(done=start, nonfinite_run=int(jax.device_get(self.state.nonfinite_run)))
         handlers = {}
 
         def on_signal(number, _):  # finish the step, save, exit; a second signal acts as usual
@@ -412,58 +431,40 @@ class Trainer:
             handlers[sig] = signal.signal(sig, on_signal)
         bar = report.progress(self.total_steps, start, self.main)
         say = bar.write if self.main else (lambda _: None)
-        eval_every = self.o.run.eval_steps or self.o.run.logging_steps
-        step, tokens, seconds, last, final, skipped = start, 0, 0.0, {}, {}, 0
-        saving = self.o.run.save_strategy != "no"
         self.first_eval = {}
-        feed = Prefetcher(self.batches)
+        feed = Prefetcher(self.batches, put=functools.partial(device_batch, mesh=self.mesh))
+        shapes: set = set()  # of the batches dispatched: a new one compiles
         try:
             if self.o.run.eval_on_start and start == 0 and self.eval_batches:
                 self.first_eval = self.evaluate()
                 reporter.log(0, self.first_eval)
-            tick = time.perf_counter()
+            self.schedule(start + 1)  # compiles its eager ops now, not inside a step's time (bench counts them)
+            behind = None  # the step dispatched before, its metrics not read yet
             for step in range(start + 1, self.total_steps + 1):
-                batch = next(feed)
-                self.state, metrics = self.train_step(self.state, self.ref, S.put_batch(_arrays(batch), self.mesh))
-                metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-                now = time.perf_counter()
-                n = batch_tokens(batch) * jax.process_count()  # each process holds its share of the rows
-                tokens, seconds, elapsed, tick = tokens + n, seconds + now - tick, now - tick, now
-                if self.on_step is not None:
-                    self.on_step(step, batch, now - elapsed, now)
-                bar.update(1)
-                bar.set_postfix(report.postfix(metrics, n / elapsed), refresh=False)
-                if not metrics.pop("applied"):
-                    skipped += 1
-                    say(f"step {step}: loss, gradients or update not finite; the update was skipped")
-                nonfinite_run = int(metrics.pop("nonfinite_run"))
-                stuck = nonfinite_run >= self.o.run.max_nonfinite_steps
-                if step % self.o.run.logging_steps == 0 or step == self.total_steps or stuck:
-                    # learning_rate as TRL logs it: the schedule's value after this step's update
-                    last = {**metrics, "learning_rate": float(self.schedule(step)),
-                            "epoch": step / self.batches.steps_per_epoch, "tokens_per_second": n / elapsed}
-                    reporter.log(step, last)
-                if stuck:  # the skipped steps left the state as it was: save that, then stop
-                    S.check_finite(nonfinite_run, self.o.run.max_nonfinite_steps, self._save_last_good(step, feed))
-                # decided once per step, by all processes together: a signal seen by some hosts (or arriving
-                # later in this step) stops all of them after the same step
-                stop = _agree_on_stop(self.stopped_by) if jax.process_count() > 1 else self.stopped_by
-                if self.eval_batches and step % eval_every == 0 and step != self.total_steps and not stop:
-                    reporter.log(step, self.evaluate())
-                if saving and (step % self.o.run.save_steps == 0 or step == self.total_steps or stop):
-                    self.checkpoints.save(step, self.state, feed.state_dict(), opts.to_dict(self.o))
-                if stop and step != self.total_steps:
-                    self.stopped_by = stop
-                    say(f"stopped by signal {self.stopped_by} after step {step}; " + (
-                        "checkpoint saved: continue with --resume_from_checkpoint true" if saving
-                        else "no checkpoint (save_strategy no)"))
-                    break
                 tick = time.perf_counter()
-            self.finished = step == self.total_steps
-            if self.finished and step > start:
-                final = self.evaluate()
-                if final:
-                    reporter.log(step, final)
+                batch, arrays = next(feed)  # built and on its way to the devices in the feed's thread
+                shape = tuple((k, v.shape) for k, v in arrays.items())
+                if behind is not None and shape not in shapes:  # it compiles: not within the step before's time
+                    if self._finish(behind, run, bar, say, reporter, latest=True):
+                        break
+                    behind = None
+                shapes.add(shape)
+                self.state, metrics = self.train_step(self.state, self.ref, arrays)  # donates the state
+                logged = step % self.o.run.logging_steps == 0 or step == self.total_steps
+                current = Dispatched(step, batch, metrics, self.schedule(step) if logged else None,
+                                     feed.state_dict(), tick)
+                if behind is not None:  # read while the devices run `step`
+                    self._finish(behind, run, bar, say, reporter, latest=False)
+                behind = current
+                if run.stop or self._needs_state(step, run):
+                    behind = None
+                    if self._finish(current, run, bar, say, reporter, latest=True):
+                        break
+            self.finished = run.done == self.total_steps
+            if self.finished and run.done > start:
+                run.final = self.evaluate()
+                if run.final:
+                    reporter.log(run.done, run.final)
         finally:
             feed.close()
             bar.close()
@@ -471,10 +472,11 @@ class Trainer:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.checkpoints.close()  # a save in flight completes (or its failure is reported), whatever happened
+        saving = self.o.run.save_strategy != "no"
         if self.main and self.finished:
-            if step == start:
-                print(f"dpo-jax: the run in {self.out} had already finished ({step} steps)")
-                return final
+            if run.done == start:
+                print(f"dpo-jax: the run in {self.out} had already finished ({start} steps)")
+                return run.final
             written = ["metrics.jsonl"] + (["checkpoints/"] if saving else [])
             if reporter.tb is not None:
                 written.append("runs/ (TensorBoard: tensorboard --logdir " + str(self.out / "runs") + ")")
@@ -482,9 +484,75 @@ class Trainer:
                 written.append(f"W&B run {reporter.wandb_where}")
             report.plot(self.out / "metrics.jsonl", self.out / "plots.png")
             written.append("plots.png")
-            print(report.summary(final=final, train=last, steps=step - start, tokens=tokens, seconds=seconds,
-                                 out=self.out, written=written, skipped=skipped))
-        return final
+            print(report.summary(final=run.final, train=run.last, steps=run.done - start, tokens=run.tokens,
+                                 seconds=run.seconds, out=self.out, written=written, skipped=run.skipped))
+        return run.final
+
+    def _needs_state(self, step: int, run: Progress) -> bool:
+        """Whether `step` must be read before the next is dispatched (which donates the state after `step`): it
+        is the last, evaluated or saved, or it may end a run of max_nonfinite_steps skipped steps (whose last
+        good state is saved)."""
+        r = self.o.run
+        return (step == self.total_steps or (r.save_strategy != "no" and step % r.save_steps == 0)
+                or bool(self.eval_batches and step % (r.eval_steps or r.logging_steps) == 0)
+                or run.nonfinite_run + 1 >= r.max_nonfinite_steps)
+
+    def _finish(self, d: Dispatched, run: Progress, bar, say, reporter, *, latest: bool) -> bool:
+        """Read step `d`'s metrics (the loop's wait for the devices) and act on them: its time, tokens, progress
+        bar and on_step; the skipped-step message; the log line; the stop the processes agreed on. A step's
+        time ends when its metrics come back and starts when the step before's did (the devices ran it in
+        between), or when its batch was taken if that is later (after an evaluation or a save, not timed).
+        With `latest` (no step dispatched after `d`: the state is the one after it) also what needs that state:
+        stop after max_nonfinite_steps skipped in a row, saving the last good state; evaluate at eval_steps;
+        checkpoint at save_steps, at the end and when stopping. True when the loop stops here."""
+        o = self.o.run
+        several = jax.process_count() > 1
+        metrics = _agree_on_stop(d.metrics, self.stopped_by, self.mesh) if several else d.metrics
+        metrics, learning_rate = jax.device_get((metrics, d.learning_rate))  # waits for the step
+        now = time.perf_counter()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        # with several processes decided by all together (from the step's metrics): a signal seen by some hosts
+        # stops all of them after the same step
+        signal_number = (int(metrics.pop("stop")) or None) if several else self.stopped_by
+        run.stop = run.stop or signal_number
+        begin = max(run.end, d.tick)  # pipelined: the step before ended (its metrics came back) after d's dispatch
+        n = batch_tokens(d.batch) * jax.process_count()  # each process holds its share of the rows
+        run.tokens, run.seconds, run.end, run.done = run.tokens + n, run.seconds + now - begin, now, d.step
+        if self.on_step is not None:
+            self.on_step(d.step, d.batch, begin, now)
+        bar.update(1)
+        bar.set_postfix(report.postfix(metrics, n / (now - begin)), refresh=False)
+        if not metrics.pop("applied"):
+            run.skipped += 1
+            say(f"step {d.step}: loss, gradients or update not finite; the update was skipped")
+        run.nonfinite_run = int(metrics.pop("nonfinite_run"))
+        stuck = run.nonfinite_run >= o.max_nonfinite_steps
+        if learning_rate is not None or stuck:
+            # learning_rate as TRL logs it: the schedule's value after this step's update
+            rate = float(self.schedule(d.step) if learning_rate is None else learning_rate)
+            run.last = {**metrics, "learning_rate": rate, "epoch": d.step / self.batches.steps_per_epoch,
+                        "tokens_per_second": n / (now - begin)}
+            reporter.log(d.step, run.last)
+        if not latest:
+            assert not stuck, "a step that may end a run of skipped steps is read before the next is dispatched"
+            return False
+        if stuck:  # the skipped steps left the state as it was: save that, then stop
+            S.check_finite(run.nonfinite_run, o.max_nonfinite_steps, self._save_last_good(d.step, d.position))
+        last = d.step == self.total_steps
+        if self.eval_batches and d.step % (o.eval_steps or o.logging_steps) == 0 and not last and not run.stop:
+            reporter.log(d.step, self.evaluate())
+        saving = o.save_strategy != "no"
+        if saving and (d.step % o.save_steps == 0 or last or run.stop):
+            # Orbax copies the arrays to the host before save() returns (the files are written in the
+            # background), so the next dispatch may donate them
+            self.checkpoints.save(d.step, self.state, d.position, opts.to_dict(self.o))
+        if run.stop and not last:
+            self.stopped_by = run.stop
+            say(f"stopped by signal {run.stop} after step {d.step}; " + (
+                "checkpoint saved: continue with --resume_from_checkpoint true" if saving
+                else "no checkpoint (save_strategy no)"))
+            return True
+        return False
 
     def _keep_earlier_metrics(self) -> None:
         """A resumed run with no checkpoint to resume starts from step 0: an earlier run's metrics.jsonl (one with
@@ -496,24 +564,58 @@ class Trainer:
         log.warning("%s holds no checkpoint to resume, so this run starts from step 0; the earlier run's "
                     "metrics.jsonl is kept as %s", self.out, kept.name)
 
-    def _save_last_good(self, step: int, feed) -> Path | None:
+    def _save_last_good(self, step: int, position: dict) -> Path | None:
         """Checkpoint the state (unchanged by the skipped steps) at `step`, with its count of skipped steps in a
         row reset so that a resumed run gets max_nonfinite_steps tries again; its path, or None with
         save_strategy no."""
         if self.o.run.save_strategy == "no":
             return None
         state = self.state._replace(nonfinite_run=self.state.nonfinite_run * 0)
-        self.checkpoints.save(step, state, feed.state_dict(), opts.to_dict(self.o))
+        self.checkpoints.save(step, state, position, opts.to_dict(self.o))
         self.checkpoints.wait()
         return self.checkpoints.directory / str(step)
 
 
-def _agree_on_stop(signal_number: int | None) -> int | None:
-    """The largest signal number any process received (all processes then stop after the same step)."""
-    from jax.experimental import multihost_utils
+class Dispatched(NamedTuple):
+    """A train step handed to the devices, its metrics not read yet."""
 
-    seen = multihost_utils.process_allgather(np.int32(signal_number or 0))
-    return int(seen.max()) or None
+    step: int
+    batch: dict  # its host batch (tokens counted, on_step)
+    metrics: dict  # on the devices
+    learning_rate: Any  # the schedule's value at `step` (on the devices) where the step is logged, else None
+    position: dict  # the data position after its batch: what a checkpoint of the state after it records
+    tick: float  # perf_counter() when its batch was taken: its time starts no earlier
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop has read back from the steps so far."""
+
+    done: int  # the last step whose metrics were read
+    nonfinite_run: int  # skipped steps in a row after it
+    end: float = 0.0  # perf_counter() when they were read
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+    stop: int | None = None  # the signal that stops the run, once the processes agreed on it
+    last: dict = dataclasses.field(default_factory=dict)  # the last train metrics logged
+    final: dict = dataclasses.field(default_factory=dict)  # the final evaluation
+
+
+@jax.jit
+def _fold_stop(metrics: dict, signals_N: jax.Array) -> dict:
+    return {**metrics, "stop": jnp.max(signals_N)}
+
+
+def _agree_on_stop(metrics: dict, signal_number: int | None, mesh) -> dict:
+    """A step's `metrics` (on the devices) with "stop": the largest signal number any process had received when
+    it called this. The maximum is taken on the devices, after the step (it reads the step's outputs), so the
+    processes learn it when they read the metrics, which they do anyway: no synchronisation of its own."""
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))  # one number per device
+    mine = np.full((1,), signal_number or 0, np.int32)
+    signals_N = jax.make_array_from_single_device_arrays(
+        (mesh.size,), sharding, [jax.device_put(mine, device) for device in sharding.addressable_devices])
+    return _fold_stop(metrics, signals_N)
 
 
 def params_numpy(state) -> list[np.ndarray]:

@@ -77,3 +77,62 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path, extra, 
     # Adam's 1/sqrt(v) magnifies those last-bit differences where an element's gradient nearly cancels.
     for a, b in zip(params_numpy(one.state), restored):
         assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a), (np.linalg.norm(b - a), np.linalg.norm(a))
+
+
+TERMINATED_IN_STEP_3 = """
+import os, signal, sys
+from dpo_jax import step
+compile_train_step = step.compile_train_step
+
+def terminated_in_step_3(*args, **kwargs):
+    train_step, calls = compile_train_step(*args, **kwargs), []
+    def run(*a):
+        calls.append(1)
+        if len(calls) == 3 and sys.argv[sys.argv.index("--process_id") + 1] == "1":
+            os.kill(os.getpid(), signal.SIGTERM)  # one host's preemption notice; the other hears nothing
+        return train_step(*a)
+    return run
+
+step.compile_train_step = terminated_in_step_3
+from dpo_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, monkeypatch):
+    """SIGTERM reaches process 1 only, while it dispatches step 3: the stop is agreed on the devices with step
+    2's metrics, so both processes finish step 3, save it and exit as killed by the signal; one process with 8
+    devices resumes the checkpoint and ends as an uninterrupted run."""
+    monkeypatch.setenv("DPO_JAX_CACHE", str(tmp_path / "cache-one"))
+    model = tiny_model(tmp_path / "model")
+    args = ["--max_steps", "5", "--per_device_train_batch_size", "1", "--mesh", "data=2,fsdp=-1", "--logging_steps",
+            "1", "--save_steps", "100", "--learning_rate", "1e-3", "--max_length", "128", "--dataset_test_split",
+            "none"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "DPO_JAX_CACHE": str(tmp_path / "cache")}
+    address = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "two"
+    procs = [subprocess.Popen([sys.executable, "-c", TERMINATED_IN_STEP_3, "train", "--model_name_or_path", model,
+                               "--output_dir", str(out), *args, "--coordinator_address", address, "--num_processes",
+                               "2", "--process_id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 128 + 15, stdout[-2000:] + stderr[-3000:]
+    assert "stopped by signal 15 after step 3" in results[0][0] + results[0][1]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [3]
+
+    straight = Trainer(options.parse(["--model_name_or_path", model, "--output_dir", str(tmp_path / "one"), *args]))
+    straight.train()
+    resumed = Trainer(options.parse(["--model_name_or_path", model, "--output_dir", str(out), *args,
+                                     "--resume_from_checkpoint", "true"]))
+    resumed.train()
+    assert resumed.finished
+    one_rows, two_rows = rows(tmp_path / "one"), rows(out)
+    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == [1, 2, 3, 4, 5]
+    for a, b in zip(one_rows, two_rows):  # gloo adds in another order: as the test above
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
+    for a, b in zip(params_numpy(straight.state), params_numpy(resumed.state)):
+        assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a), (np.linalg.norm(b - a), np.linalg.norm(a))

@@ -120,6 +120,66 @@ def live_reference(o) -> bool:
     return not (o.run.precompute_ref_log_probs or o.loss.reference_free)
 
 
+class OutOfMemory(Exception):
+    """The compiler refused the step: it needs more memory than the device has (XLA's RESOURCE_EXHAUSTED, whose
+    message lists the largest buffers)."""
+
+    def __init__(self, report: str, run: AbstractRun, remat: bool):
+        super().__init__(report)
+        self.report, self.run, self.remat = report, run, remat
+
+
+class Step(NamedTuple):
+    """The run's train step compiled for one batch shape: `fn` is the jitted step (called with arrays of that
+    shape it reuses `compiled`), `usage` its memory per device."""
+
+    fn: Any
+    compiled: Any
+    run: AbstractRun
+    usage: "Usage"
+    remat: bool
+    seconds: float  # compile time
+
+
+def compile_step(o, config, ref_config, mesh, dtype, tx, *, length: int, rows: int | None = None,
+                 remat: bool) -> Step:
+    """The run's train step (step.compile_train_step, as the trainer runs it) lowered for its abstract inputs and
+    compiled for `mesh`'s devices. Raises OutOfMemory when the compiler finds that it does not fit."""
+    import time
+
+    run = abstract_run(o, config, ref_config, mesh, dtype, tx, length=length, rows=rows, remat=remat)
+    cfg = S.StepConfig(loss=o.loss, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
+                       gradient_checkpointing=remat, lora=o.lora.use_peft, seed=o.run.seed)
+    fn = S.compile_train_step(run.graphdef, run.ref_graphdef, cfg, tx, mesh, run.state, run.ref)
+    start = time.perf_counter()
+    try:
+        compiled = fn.lower(run.state, run.ref, run.batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise OutOfMemory(str(e), run, remat) from None
+    return Step(fn, compiled, run, Usage.of(compiled, run), remat, time.perf_counter() - start)
+
+
+def fitting_step(compile_with, remat: bool | None, limit: int | None) -> Step:
+    """`compile_with(remat=...)` for the run's `gradient_checkpointing`; None (the default) compiles without
+    remat first, since recomputing costs a forward pass, and with it only when that step does not fit in 80% of
+    `limit` (or the compiler refuses it) and remat needs less."""
+    if remat is not None:
+        return compile_with(remat=remat)
+    try:
+        off = compile_with(remat=False)
+    except OutOfMemory:
+        return compile_with(remat=True)
+    if limit is None or off.usage.total <= 0.8 * limit:
+        return off
+    try:
+        on = compile_with(remat=True)
+    except OutOfMemory:
+        return off
+    return on if on.usage.total < off.usage.total else off  # weights-bound runs gain nothing from remat
+
+
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of the arrays (or ShapeDtypeStructs with shardings) in `tree`: each leaf's
     shard shape on its mesh, the largest shard where they differ."""
@@ -188,12 +248,12 @@ def device_memory(limit_gb: float | None = None) -> tuple[int | None, str]:
     return available // jax.local_device_count(), f"host memory available / {jax.local_device_count()} devices"
 
 
-def suggestions(o, mesh) -> list[str]:
+def suggestions(o, mesh, remat: bool) -> list[str]:
     """What would bring a run's memory down, for the settings it has."""
     ideas = []
     if not o.lora.use_peft:
         ideas.append("--use_peft true (LoRA: no optimizer state or gradients for the base weights, no reference copy)")
-    if not o.run.gradient_checkpointing:
+    if not remat:
         ideas.append("--gradient_checkpointing true")
     if live_reference(o) and not o.lora.use_peft:
         ideas.append("--precompute_ref_log_probs true (no reference model in memory)")
@@ -203,11 +263,25 @@ def suggestions(o, mesh) -> list[str]:
     return ideas
 
 
-def check(usage: Usage, limit: int | None, o, mesh) -> None:
+def check(step: Step, limit: int | None, o, mesh) -> None:
     """Refuse a run whose compiled step needs more than a device holds, with what would bring it down."""
+    usage = step.usage
     if not limit or usage.total <= limit:
         return
     args = ", ".join(f"{k} {gb(v)}" for k, v in usage.parts.items())
     raise UserError(f"this run needs {gb(usage.total)} per device (XLA's compiled train step: arguments "
                     f"{gb(usage.argument)} ({args}), temporaries {gb(usage.temp)}) and a device holds {gb(limit)}. "
-                    f"Try: " + "; ".join(suggestions(o, mesh)) + ".")
+                    f"Try: " + "; ".join(suggestions(o, mesh, step.remat)) + ".")
+
+
+def refuse_out_of_memory(error: OutOfMemory, o, mesh) -> UserError:
+    """The compiler's refusal as a user error: XLA's account of the largest buffers, and what to change."""
+    return UserError(f"the compiler finds that this run's train step does not fit in a device's memory:\n"
+                     f"{largest_buffers(error.report)}\nTry: " + "; ".join(suggestions(o, mesh, error.remat)) + ".")
+
+
+def largest_buffers(report: str, lines: int = 40) -> str:
+    """The useful part of XLA's RESOURCE_EXHAUSTED message: the totals and the largest allocations."""
+    text = report.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    kept = text.splitlines()
+    return "\n".join(kept[:lines] + ([f"... ({len(kept) - lines} more lines)"] if len(kept) > lines else []))

@@ -38,9 +38,10 @@ class AbstractRun(NamedTuple):
 
 
 def _abstract(tree, mesh):
-    """Shapes of `tree` (nnx Variables' values) with the shardings their logical axes give on `mesh`."""
+    """`tree`'s variables holding shapes with the shardings their logical axes give on `mesh` (the structure of
+    the arrays the loader places there, so that the step compiled for one is the step of the other)."""
     shardings = S.state_shardings(tree, mesh)
-    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), tree, shardings,
+    return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), tree, shardings,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -215,18 +215,19 @@ class Usage:
         return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes,
                    parts)
 
-    def table(self, limit: int | None, source: str, title: str = "memory, per device (XLA's compiled step):") -> str:
+    def table(self, limit: int | None, source: str, title: str = "memory, per device (XLA's compiled step):",
+              indent: str = "  ") -> str:
         rows = [("arguments", self.argument)] + [(f"  {k}", v) for k, v in self.parts.items()]
         rows += [("outputs", self.output), ("  aliased", self.alias), ("temporaries", self.temp),
                  ("total", self.total)]
-        lines = [title] + [f"  {name:18} {gb(n):>10}" for name, n in rows]
+        lines = [title] + [f"{indent}{name:18} {gb(n):>11}" for name, n in rows]
         if limit:
-            lines.append(f"  {'device memory':18} {gb(limit):>10}  ({source})")
+            lines.append(f"{indent}{'device memory':18} {gb(limit):>11}  ({source})")
         return "\n".join(lines)
 
 
 def gb(n: int) -> str:
-    return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 2**20:.1f} MB"
+    return f"{n / GB:.2f} GiB" if n >= GB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def device_memory(limit_gb: float | None = None) -> tuple[int | None, str]:

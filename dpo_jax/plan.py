@@ -78,6 +78,9 @@ def quiet_libtpu(topology: str | None) -> None:
         return  # reported with the command's own error
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for processes driving TPU chips; compiling
+    # drives none, so several plans (or a plan and a test run) may share the machine
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def tpu_devices(name: str) -> tuple[list, str]:
@@ -100,8 +103,10 @@ def tpu_devices(name: str) -> tuple[list, str]:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name, **options).devices), \
             libtpu_name
     except jax.errors.JaxRuntimeError as e:
-        raise UserError(f"--topology {name}: libtpu does not accept {libtpu_name} "
-                        f"({str(e).splitlines()[0][:200]})") from None
+        first = str(e).splitlines()[0][:300]
+        if "INVALID_ARGUMENT" in first:
+            raise UserError(f"--topology {name}: libtpu does not accept {libtpu_name} ({first})") from None
+        raise UserError(f"--topology {name}: libtpu could not start its compiler: {first}") from None
 
 
 def plan_length(o) -> tuple[int, int | None]:
@@ -185,7 +190,8 @@ def plan(o, topology: str | None = None) -> dict:
                    flops=counted.flops, flops_loops_once=counted.flops_once,
                    loop_trip_counts=[n for _, n in counted.loops], collective_bytes=counted.collectives,
                    compile_seconds=round(step.seconds, 1))
-    print(usage.table(hbm, source, title=f"  memory per chip (XLA, gradient_checkpointing {str(step.remat).lower()}):"))
+    print(usage.table(hbm, source, title=f"  memory per chip (XLA, gradient_checkpointing {str(step.remat).lower()}):",
+                      indent="    "))
     if hbm:
         print(f"  {'fits' if fits else 'DOES NOT FIT'}: {memory.gb(usage.total)} of {memory.gb(hbm)} "
               f"({100 * (1 - usage.total / hbm):.0f}% free)" if fits else

@@ -24,7 +24,7 @@ import numpy as np
 from . import audit, lora, memory, reference, report, rundir
 from . import options as opts
 from . import step as S
-from .batching import BatchIterator, Prefetcher, load_pairs
+from .batching import PACKED_EPOCHS, BatchIterator, Prefetcher, load_pairs
 from . import checkpoint
 from .checkpoint import Checkpoints, abstract
 from .data import MissingSplit
@@ -211,12 +211,9 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.schedule = S.make_schedule(o.optim, self.total_steps)
         self.tx = S.make_optimizer(o.optim, self.total_steps)
-        # the compiler's account of the step for the largest batch shape, before any weight is loaded; jax.jit
+        # the compiler's account of the step for the run's largest batch, before any weight is loaded; jax.jit
         # keeps that compilation for the steps of that shape
-        length = max(self.batches.buckets + ((self.batches.row_cap,) if o.run.pack_pairs == "packed" else ()))
-        rows = (max(self.batches.row_counts) * o.run.gradient_accumulation_steps * jax.process_count()
-                if o.run.pack_pairs == "packed" else None)
-        planned = self.plan_memory(config, length, rows)
+        planned = self.plan_memory(config, *self._largest_batch())
         self.o = o = dataclasses.replace(o, run=dataclasses.replace(o.run, gradient_checkpointing=planned.remat))
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
@@ -238,6 +235,16 @@ class Trainer:
         self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg, self.mesh,
                                              self.state.params, self.ref)
         self.on_step = None  # called as on_step(step, batch, start, end) after each step (dpo-jax bench)
+
+    def _largest_batch(self) -> tuple[int, int | None]:
+        """(row length, packed rows) of the largest batch among the run's first steps (up to the packed
+        layout's planning epochs): the most attention (rows x length^2), then the most tokens. A shape training
+        uses, so the memory check's compilation is not an extra one."""
+        b = self.batches
+        steps = min(self.total_steps, PACKED_EPOCHS * b.steps_per_epoch)
+        shapes = {b.rows_and_length(*divmod(i, b.steps_per_epoch)) for i in range(steps)}
+        rows, length = max(shapes, key=lambda shape: (shape[0] * shape[1] ** 2, shape[0] * shape[1]))
+        return length, rows if self.o.run.pack_pairs == "packed" else None
 
     def plan_memory(self, config, length: int, rows: int | None = None) -> memory.Step:
         """The train step compiled for the run's largest batch (rows of `length` tokens; packed: `rows` rows) from

@@ -1,10 +1,12 @@
 """Per-token log-probabilities of the target tokens, without a float32 [N, T, V] log-softmax for the batch.
 
-When the batch's float32 logits would exceed KEEP_BYTES, the output head and the log-softmax run over the
-sequence in chunks of C positions (`jax.lax.map`), each chunk under `jax.checkpoint`, so the forward pass
-holds one chunk's [N, C, V] logits at a time and the backward pass recomputes them chunk by chunk instead of
-keeping them all; below it they are computed in one piece and kept (faster). Everything after the head's matmul
-is float32, whatever the compute dtype.
+The head runs only at the positions whose next token is a completion target: each row's targets are gathered
+to its front and the head runs over the sequence in chunks (`jax.lax.map`), skipping the chunks past the
+longest row's targets. When one device's float32 logits would exceed KEEP_BYTES, each chunk of C positions runs
+under `jax.checkpoint`, so the forward pass holds one chunk's [N, C, V] logits at a time and the backward pass
+recomputes them chunk by chunk; below it the chunks' logits are kept (faster). Chunks are sized from one
+device's rows and vocabulary, and the head's weight is gathered over fsdp once for all of them. Everything
+after the head's matmul is float32, whatever the compute dtype.
 
 The log-prob of token t is read from the logits at its source position (t - 1, or for prompt-sharing rows
 the prompt's last position for the first rejected token), and only for completion tokens that have one (as
@@ -13,40 +15,15 @@ TRL's `completion_mask[..., 1:]`: a completion's first token is not counted when
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import jax
 import jax.numpy as jnp
 
-CHUNK_BYTES = 64 * 2**20  # float32 logits held per chunk, summed over the rows of the batch
-KEEP_BYTES = 2**30  # whole-batch float32 logits up to this size are kept, not chunked and recomputed
+from .sharding import constrain_rows, gather_weight, rows_per_device, vocab_per_device
 
-
-# The mesh whose data x fsdp devices split the rows, while a step is traced (`on_mesh`); None: no hints.
-_MESH: contextvars.ContextVar = contextvars.ContextVar("dpo_jax_activation_mesh", default=None)
-
-
-@contextlib.contextmanager
-def on_mesh(mesh):
-    """Trace the step's log-probs with sharding hints for `mesh`: the hidden states and the head's logits stay
-    split by rows over data x fsdp (and the vocabulary over tensor). Without them XLA may gather the rows of
-    the whole batch onto every device for the head's matmul, whose contraction axis is fsdp-sharded."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
-
-
-def _rows_split(x: jax.Array, *rest) -> jax.Array:
-    mesh = _MESH.get()
-    if mesh is None:
-        return x
-    axes = [("data", "fsdp"), *rest]
-    sizes = [mesh.shape["data"] * mesh.shape["fsdp"]] + [mesh.shape[a] if a else 1 for a in rest]
-    axes = [a if dim % size == 0 else None for a, dim, size in zip(axes, x.shape, sizes)]  # else replicated
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes)))
+CHUNK_BYTES = 64 * 2**20  # float32 logits held per chunk on one device, summed over its rows
+KEEP_BYTES = 2**30  # one device's float32 logits up to this size are kept, not chunked and recomputed
+MIN_CHUNKS = 4  # sequences of MIN_CHUNKS x MIN_CHUNK_LENGTH positions or more run the head in this many chunks at
+MIN_CHUNK_LENGTH = 32  # least, so that the chunks past every row's targets (prompts, padding) can be skipped
 
 
 def chunk_length(length: int, rows: int, vocab: int, budget: int = CHUNK_BYTES) -> int:
@@ -55,9 +32,10 @@ def chunk_length(length: int, rows: int, vocab: int, budget: int = CHUNK_BYTES) 
 
 
 def head_chunks(length: int, rows: int, vocab: int) -> tuple[int, bool]:
-    """(positions per chunk, whether chunks are recomputed in the backward pass): the whole sequence in one
-    piece, kept for the backward pass, when its float32 logits fit in KEEP_BYTES (recomputing them costs a
-    seventh of a small model's backward pass); else CHUNK_BYTES chunks, recomputed."""
+    """(positions per chunk, whether chunks are recomputed in the backward pass) for `rows` x `vocab` logits per
+    device: the whole sequence in one piece, kept for the backward pass, when its float32 logits fit in
+    KEEP_BYTES (recomputing them costs a seventh of a small model's backward pass); else CHUNK_BYTES chunks,
+    recomputed. Sized from one device's share, so that adding devices does not shrink the chunks."""
     if 4 * rows * length * vocab <= KEEP_BYTES:
         return length, False
     return chunk_length(length, rows, vocab), True
@@ -72,7 +50,7 @@ def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Arra
     hidden_NxTxD = model.hidden_states(input_ids_NxT, attention_mask_NxT, positions_NxT)
     source_NxT = jnp.broadcast_to(jnp.arange(t) - 1, input_ids_NxT.shape)  # token t is predicted at t - 1
     valid_NxT = (completion_mask_NxT == 1) & (source_NxT >= 0)
-    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, chunk)
+    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, valid_NxT, chunk)
     mask = valid_NxT.astype(logp.dtype)
     return {"logps": (logp * mask).sum(-1), "tokens": mask.sum(-1), "logit_sum": (mean_logit * mask).sum(-1)}
 
@@ -97,7 +75,8 @@ def shared_prefix_logps(model, input_ids_NxT: jax.Array, branch_NxT: jax.Array, 
     first_rejected_N = prompt_N + (branch_NxT == 1).sum(-1, keepdims=True)
     index_T = jnp.arange(t)[None]
     source_NxT = jnp.where((branch_NxT == 2) & (index_T == first_rejected_N), prompt_N - 1, index_T - 1)
-    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, chunk)
+    targets_NxT = (branch_NxT > 0) & (source_NxT >= 0)
+    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, targets_NxT, chunk)
     out = {}
     for name, value in (("logps", logp), ("tokens", jnp.ones_like(logp)), ("logit_sum", mean_logit)):
         out[name] = jnp.stack([(value * ((branch_NxT == b) & (source_NxT >= 0))).sum(-1) for b in (1, 2)], -1)
@@ -128,7 +107,7 @@ def packed_logps(model, input_ids_RxL: jax.Array, branch_RxL: jax.Array, segment
     first_rejected = (branch_RxL == 2) & (index == start + prompt + chosen)
     source = jnp.where(first_rejected, start + prompt - 1, index - 1)
     valid = (segment_RxL >= 0) & (source >= start)
-    logp, mean_logit = _target_logps(model, hidden, source, input_ids_RxL, chunk)
+    logp, mean_logit = _target_logps(model, hidden, source, input_ids_RxL, valid & (branch_RxL > 0), chunk)
     out = {}
     for name, value in (("logps", logp), ("tokens", jnp.ones_like(logp)), ("logit_sum", mean_logit)):
         per_slot = jnp.stack([jnp.einsum("rl,rlk->rk", value * (valid & (branch_RxL == b)), onehot_RxLxK.astype(value.dtype))
@@ -137,24 +116,46 @@ def packed_logps(model, input_ids_RxL: jax.Array, branch_RxL: jax.Array, segment
     return out
 
 
-def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, chunk):
-    """log p(targets[t]) and the mean logit, both from the logits at position source[t]; [N, T] each."""
+def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk):
+    """log p(targets[t]) and the mean logit, both from the logits at position source[t], where `valid`; [N, T]
+    each, 0 elsewhere.
+
+    The head runs only where there are targets: each row's target positions are gathered to its front, the
+    sequence is cut into chunks (at least MIN_CHUNKS), and the chunks past the longest row's targets are skipped
+    (`lax.cond` on the batch's largest target count: prompt and padding positions cost no logits).
+    """
     n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
-    hidden_NxTxD = _rows_split(jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1))
-    c, recompute = (chunk, True) if chunk else head_chunks(t, n, model.config.vocab_size)
-    c = min(c, t)
+    order_NxT = jnp.argsort(~valid_NxT, axis=1, stable=True)  # target positions first, in order
+    source_NxT, targets_NxT = (jnp.take_along_axis(x, order_NxT, axis=1) for x in (source_NxT, targets_NxT))
+    hidden_NxTxD = constrain_rows(jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1))
+    targets_needed = valid_NxT.sum(-1).max()
+    c, recompute = (chunk, True) if chunk else head_chunks(t, rows_per_device(n),
+                                                           vocab_per_device(model.config.vocab_size))
+    c = min(c, -(-t // MIN_CHUNKS) if t >= MIN_CHUNKS * MIN_CHUNK_LENGTH else t)
     k = -(-t // c)
     if k * c != t:  # pad the sequence to whole chunks; the padded positions are dropped below
         hidden_NxTxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, k * c - t), (0, 0)))
         targets_NxT = jnp.pad(targets_NxT, ((0, 0), (0, k * c - t)))
 
+    # the head's weight gathered over fsdp once, before the loop over chunks (else once per chunk)
+    weight = gather_weight(model.output_head())
+
     @(jax.checkpoint if recompute else (lambda f: f))
-    def head(hidden_NxCxD, targets_NxC):
-        logits_NxCxV = _rows_split(model.logits(hidden_NxCxD).astype(wide), None, "tensor")
+    def head(hidden_NxCxD, targets_NxC, weight):
+        logits_NxCxV = constrain_rows(model.logits(hidden_NxCxD, weight).astype(wide), None, "tensor")
         target_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
         return target_NxC - jax.nn.logsumexp(logits_NxCxV, axis=-1), logits_NxCxV.mean(axis=-1)
 
-    token_logp, mean_logit = jax.lax.map(lambda xs: head(*xs), (hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1),
-                                                                  targets_NxT.reshape(n, k, c).swapaxes(0, 1)))
-    return (token_logp.swapaxes(0, 1).reshape(n, k * c)[:, :t], mean_logit.swapaxes(0, 1).reshape(n, k * c)[:, :t])
+    def chunk_or_skip(xs):
+        j, hidden_NxCxD, targets_NxC = xs
+        none = jnp.zeros(targets_NxC.shape, wide)
+        return jax.lax.cond(j * c < targets_needed, lambda: head(hidden_NxCxD, targets_NxC, weight),
+                            lambda: (none, none))
+
+    chunks = (jnp.arange(k), hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1), targets_NxT.reshape(n, k, c).swapaxes(0, 1))
+    token_logp, mean_logit = jax.lax.map(chunk_or_skip, chunks)
+    back_NxT = jnp.argsort(order_NxT, axis=1)  # each position's place in the gathered order
+    keep = valid_NxT.astype(wide)
+    return tuple(jnp.take_along_axis(x.swapaxes(0, 1).reshape(n, k * c)[:, :t], back_NxT, axis=1) * keep
+                 for x in (token_logp, mean_logit))

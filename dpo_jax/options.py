@@ -57,6 +57,7 @@ class RunConfig:
     save_strategy: str = "steps"  # steps (every save_steps and at the end) or no (no checkpoints; as TRL)
     seed: int = 42  # data order, LoRA initialisation and dropout
     bf16: bool | None = None  # bfloat16 compute; default: on accelerators yes, on the CPU no
+    ref_dtype: str = "auto"  # frozen reference (and LoRA base) matrices: auto (the compute dtype), float32, bfloat16
     gradient_checkpointing: bool | None = None  # recompute blocks in the backward pass; None: when memory needs it
     precompute_ref_log_probs: bool = False  # one reference pass before training, cached; no reference in memory
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
@@ -100,6 +101,7 @@ CHOICES = {
     "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
     "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
     "distributed": ("auto", "true", "false"), "save_strategy": ("steps", "no"),
+    "ref_dtype": ("auto", "float32", "bfloat16"),
 }
 
 

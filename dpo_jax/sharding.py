@@ -4,6 +4,8 @@ one table decides how they are laid out on a `jax.sharding.Mesh` with axes data 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -41,6 +43,72 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
 def param_sharding(axes: tuple[str | None, ...] | None, shape: tuple[int, ...],
                    mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(tuple(axes or (None,) * len(shape)), shape, mesh))
+
+
+def gathered_spec(axes: tuple[str | None, ...] | None, shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """A parameter's layout with its fsdp split undone (tensor splits kept): what a layer uses in its matmul."""
+    spec = logical_to_spec(tuple(axes or (None,) * len(shape)), shape, mesh)
+    return PartitionSpec(*(None if a == "fsdp" else a for a in spec))
+
+
+# ------------------------------------------------------------------------------------------ activation hints
+# The mesh whose data x fsdp devices split a traced step's rows (`activations_on`); None: no hints. The step sets
+# it while tracing, so the model code can pin activations without every call carrying the mesh.
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("dpo_jax_activation_mesh", default=None)
+ROW_AXES = ("data", "fsdp")  # a batch's rows are split over both; tensor-parallel devices share rows
+
+
+@contextlib.contextmanager
+def activations_on(mesh):
+    """Trace with activation sharding hints for `mesh`: block inputs and outputs, the hidden states and the head's
+    logits stay split by rows over data x fsdp (and the vocabulary over tensor). Without them XLA may keep the
+    whole batch on every device, split over the hidden dimension, and all-reduce it in every layer: per-device
+    activation memory would grow with the number of devices."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_rows(x: jax.Array, *rest: str | None) -> jax.Array:
+    """`x` pinned to rows over data x fsdp (its leading axis) and `rest` for the next axes (e.g. "tensor" for a
+    vocabulary axis), while tracing under `activations_on`; unchanged otherwise. An axis its mesh axes do not
+    divide stays replicated."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    axes = [ROW_AXES, *rest]
+    sizes = [mesh.shape["data"] * mesh.shape["fsdp"]] + [mesh.shape[a] if a else 1 for a in rest]
+    axes = [a if dim % size == 0 else None for a, dim, size in zip(axes, x.shape, sizes)]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*axes)))
+
+
+def gather_weight(variable) -> jax.Array:
+    """A parameter's value gathered over fsdp (still split over tensor) while tracing under `activations_on`, as
+    its matmul uses it: done once before a loop that uses the weight in every iteration (the output head over
+    chunks), so XLA does not gather it again in each one. Its gradient is reduce-scattered once, after the loop."""
+    value = variable.get_value()
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return value
+    spec = gathered_spec(variable.get_metadata().get("out_sharding"), value.shape, mesh)
+    return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
+
+
+def rows_per_device(rows: int) -> int:
+    """The rows of a batch of `rows` that one device holds under `activations_on` (all of them without it)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return rows
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    return rows // split if rows % split == 0 else rows
+
+
+def vocab_per_device(vocab: int) -> int:
+    mesh = _ACTIVATION_MESH.get()
+    tensor = 1 if mesh is None else mesh.shape["tensor"]
+    return vocab // tensor if vocab % tensor == 0 else vocab
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:

@@ -22,7 +22,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import logps as logps_module
 from . import losses, sharding
 from .config import check_range
 from .errors import UserError
@@ -255,11 +254,19 @@ def _split_micro(batch: dict, k: int) -> dict:
 
 
 def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_graphdef, cfg: StepConfig,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer update from one global batch; not applied when the loss or gradients are not finite."""
+               tx: optax.GradientTransformation, param_shardings=None) -> tuple[TrainState, dict]:
+    """One optimizer update from one global batch; not applied when the loss or gradients are not finite.
+    `param_shardings` (the parameters' NamedShardings, on a mesh): gradients and their running sum are laid out
+    like the parameters, so each device reduces only its own shard (a reduce-scatter, not an all-reduce)."""
     counts = batch_counts(batch)
     k = cfg.gradient_accumulation_steps
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def laid_out(grads):
+        return grads if param_shardings is None else jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    def grad_fn(*args):
+        (loss, aux), grads = jax.value_and_grad(_micro_loss, has_aux=True)(*args)
+        return (loss, aux), laid_out(grads)
 
     def micro_step(carry, xs):
         micro, j = xs
@@ -279,7 +286,7 @@ def train_step(state: TrainState, ref_params, batch: dict, *, graphdef, ref_grap
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         loss_shape = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, ref_graphdef, ref_params, micro0,
                                                         counts, cfg)[0])
-        init = (jnp.zeros((), loss_shape.dtype), jax.tree.map(jnp.zeros_like, state.params), *zeros)
+        init = (jnp.zeros((), loss_shape.dtype), laid_out(jax.tree.map(jnp.zeros_like, state.params)), *zeros)
         (loss, grads, sums, parts), _ = jax.lax.scan(micro_step, init, (_split_micro(batch, k), jnp.arange(k)))
 
     grad_norm = optax.tree.norm(grads)
@@ -361,13 +368,13 @@ def _shardings(tree):
 
 
 def _on_mesh(fn, mesh):
-    """`fn` traced with the log-probs' sharding hints for `mesh` (see logps.on_mesh)."""
+    """`fn` traced with activation sharding hints for `mesh` (see sharding.activations_on)."""
     if mesh is None:
         return fn
 
     @functools.wraps(fn)
     def traced(*args):
-        with logps_module.on_mesh(mesh):
+        with sharding.activations_on(mesh):
             return fn(*args)
     return traced
 
@@ -376,10 +383,11 @@ def compile_train_step(graphdef, ref_graphdef, cfg: StepConfig, tx, mesh, state:
     """`train_step` jitted once, with explicit shardings on `mesh`: the state (from `init_state` on sharded
     parameters) and the reference keep theirs, the batch is split over data x fsdp, the metrics are
     replicated. The state is donated; the reference never is."""
-    fn = _on_mesh(functools.partial(train_step, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg, tx=tx), mesh)
+    state_sh = None if mesh is None else _shardings(state)
+    fn = _on_mesh(functools.partial(train_step, graphdef=graphdef, ref_graphdef=ref_graphdef, cfg=cfg, tx=tx,
+                                    param_shardings=None if mesh is None else state_sh.params), mesh)
     if mesh is None:
         return jax.jit(fn, donate_argnums=(0,))
-    state_sh = _shardings(state)
     return jax.jit(fn, in_shardings=(state_sh, _shardings(ref_params), batch_sharding(mesh)),
                    out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
 

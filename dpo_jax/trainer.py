@@ -62,6 +62,19 @@ def compute_dtype(o: Options):
     return jnp.bfloat16 if bf16 else jnp.float32
 
 
+def frozen_dtype(o: Options, compute):
+    """The dtype the frozen weights' matrices are held in: the reference's, and a LoRA run's base."""
+    return compute if o.run.ref_dtype == "auto" else jnp.dtype(o.run.ref_dtype)
+
+
+def hold_frozen(params, dtype):
+    """Frozen weights with their matrices (2+ dimensions) in `dtype`: in the compute dtype they give the same
+    products as float32 ones, since every layer casts its weights to the compute dtype when it uses them, at
+    half the memory in bfloat16. Vectors (norm scales, biases) stay as loaded: they are small, and some are used
+    in float32 maths (Gemma's norms). A fresh copy either way (the policy's buffers are donated to its state)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 and x.dtype != dtype else jnp.copy(x), params)
+
+
 def step_config(o: Options) -> S.StepConfig:
     return S.StepConfig(loss=o.loss, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
                         gradient_checkpointing=o.run.gradient_checkpointing, lora=o.lora.use_peft, seed=o.run.seed)
@@ -117,16 +130,18 @@ def build_models(o: Options, mesh, dtype) -> Models:
                             "is not used with it; drop one of the two (as TRL)")
         lora.apply_lora(policy, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o),
                         o.lora.lora_dropout, seed=o.run.seed)
-        graphdef, params, ref = lora.split_lora(policy, o.run.gradient_checkpointing)
-        return Models(policy.config, graphdef, params, None, ref, policy.config)
+        graphdef, params, (keys, base) = lora.split_lora(policy, o.run.gradient_checkpointing)
+        return Models(policy.config, graphdef, params, None, (keys, hold_frozen(base, frozen_dtype(o, dtype))),
+                      policy.config)
     ref_path = o.run.ref_model_name_or_path
     if not ref_path or ref_path == o.run.model_name_or_path:  # the usual case: a copy, not a second load
         ref_graphdef, ref = S.split_reference(policy, o.run.gradient_checkpointing)
-        ref, ref_config = jax.tree.map(jnp.copy, ref), policy.config
+        ref, ref_config = hold_frozen(ref, frozen_dtype(o, dtype)), policy.config
     else:
         check_reference_vocab(policy.config, o.run.model_name_or_path, ref_path, o.run.trust_remote_code)
         ref_model = from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=o.run.trust_remote_code)
         (ref_graphdef, ref), ref_config = S.split_reference(ref_model, o.run.gradient_checkpointing), ref_model.config
+        ref = hold_frozen(ref, frozen_dtype(o, dtype))
     graphdef, params = S.split_policy(policy, o.run.gradient_checkpointing)
     return Models(policy.config, graphdef, params, ref_graphdef, ref, ref_config)
 

@@ -48,3 +48,29 @@ def test_bfloat16_log_probs_closer_to_float32(tmp_path):
     token = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), args[0][:, 1:, None], -1)[..., 0]
     rounded = np.asarray((token * args[2][:, 1:]).sum(-1))
     assert np.abs(got - want).max() < np.abs(rounded - want).max()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_reference_held_in_bfloat16_scores_as_the_float32_weights_do(tmp_path, name):
+    """Under bfloat16 compute the reference's matrices are held in bfloat16 (half the memory); every layer casts
+    its weights to the compute dtype anyway, so its log-probs are those of the float32 weights, to the bit."""
+    from flax import nnx
+
+    from dpo_jax import trainer
+    from dpo_jax.options import Options, RunConfig
+    from dpo_jax.sharding import make_mesh
+
+    make_model(name).save_pretrained(tmp_path)
+    mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
+    ids, mask = batch()
+    rows = [jnp.asarray(x) for x in (ids, mask, mask, positions(mask))]
+    got = {}
+    for ref_dtype in ("auto", "float32"):
+        o = Options(run=RunConfig(model_name_or_path=str(tmp_path), bf16=True, ref_dtype=ref_dtype))
+        models = trainer.build_models(o, mesh, jnp.bfloat16)
+        dtypes = {x.dtype for x in jax.tree.leaves(models.ref) if x.ndim >= 2}
+        assert dtypes == {jnp.dtype(jnp.bfloat16 if ref_dtype == "auto" else jnp.float32)}
+        assert {x.dtype for x in jax.tree.leaves(models.ref) if x.ndim < 2} == {jnp.dtype(jnp.float32)}
+        forward = jax.jit(lambda ref, *r: sequence_logps(nnx.merge(models.ref_graphdef, ref), *r)["logps"])
+        got[ref_dtype] = np.asarray(forward(models.ref, *rows))
+    np.testing.assert_array_equal(got["auto"], got["float32"])

@@ -77,6 +77,31 @@ def test_chunked_logps_equal_transformers_log_softmax(checkpoint, chunk):
     np.testing.assert_allclose(np.asarray(ours["logit_sum"]), mean_logits, rtol=2e-6, atol=2e-5)
 
 
+@pytest.mark.parametrize("chunk", [4, None])
+def test_long_prompts_short_completions_logps_equal_transformers(checkpoint, chunk):
+    """Targets gathered to the front of each row and the head's chunks past them skipped: with prompts of 40 to
+    56 tokens and completions of 1 to 6 in rows of 64, most chunks are skipped (None: the head's own MIN_CHUNKS
+    chunks), and the log-probs are still transformers' log-softmax."""
+    path, torch_model = checkpoint
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 128, (6, 64)).astype(np.int32)
+    attention, completion = np.zeros((6, 64), np.int32), np.zeros((6, 64), np.int32)
+    for i in range(6):
+        prompt, n = rng.integers(40, 57), rng.integers(1, 7)
+        attention[i, :prompt + n] = 1
+        completion[i, prompt:prompt + n] = 1
+    rows = [ids, attention, completion, np.maximum(np.cumsum(attention, -1) - 1, 0).astype(np.int32)]
+    ours = jax.jit(lambda m, *r: sequence_logps(m, *r, chunk=chunk))(load(path), *map(jnp.asarray, rows))
+    t_ids, t_attention, t_completion, t_positions = (torch.tensor(r, dtype=torch.long) for r in rows)
+    with torch.no_grad():
+        logits = torch_model(input_ids=t_ids, attention_mask=t_attention, position_ids=t_positions).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, t_ids[:, 1:, None])[..., 0]
+    mask = t_completion[:, 1:].double()
+    np.testing.assert_allclose(np.asarray(ours["logps"]), (logp * mask).sum(-1).numpy(), rtol=2e-6, atol=2e-5)
+    mean_logits = (logits[:, :-1].mean(-1) * mask).sum(-1).numpy()
+    np.testing.assert_allclose(np.asarray(ours["logit_sum"]), mean_logits, rtol=2e-6, atol=2e-5)
+
+
 def setup(path, cfg=S.StepConfig(), mesh=None, lr=1e-3, ref_path=None):  # noqa: D103
     policy = load(path, mesh=mesh)
     graphdef, params = S.split_policy(policy, cfg.gradient_checkpointing)

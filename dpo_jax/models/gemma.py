@@ -131,11 +131,16 @@ class GemmaForCausalLM(nnx.Module):
             cache.advance(t)
         return self.norm(x)
 
-    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+    def output_head(self) -> nnx.Variable:
+        """The output head's weight: the embedding when tied."""
+        return self.embed_tokens.embedding if self.lm_head is None else self.lm_head.kernel
+
+    def logits(self, hidden_BxTxD: jax.Array, head: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] in float32; `head`: output_head()'s value as the caller laid it out."""
         if self.lm_head is None:
-            logits = self.embed_tokens.attend(hidden_BxTxD)
+            logits = self.embed_tokens.attend(hidden_BxTxD, head)
         else:
-            logits = self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype))
+            logits = self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype), kernel=head)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 

@@ -115,10 +115,15 @@ class GPT2LMHeadModel(nnx.Module):
             cache.advance(t)
         return self.ln_f(x)
 
-    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+    def output_head(self) -> nnx.Variable:
+        """The output head's weight: the embedding when tied."""
+        return self.wte.embedding if self.lm_head is None else self.lm_head.kernel
+
+    def logits(self, hidden_BxTxD: jax.Array, head: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] in float32; `head`: output_head()'s value as the caller laid it out."""
         if self.lm_head is None:
-            return self.wte.attend(hidden_BxTxD)
-        return self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype))
+            return self.wte.attend(hidden_BxTxD, head)
+        return self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype), kernel=head)
 
 
 # GPT-2's Conv1D stores weights [in, out], as we do: no transposes.

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import CheckpointError
+from ..sharding import constrain_rows
 
 # A large finite negative instead of -inf: a fully masked row (a padding query) then gives a finite
 # uniform softmax instead of NaN, and its output is ignored anyway.
@@ -48,11 +49,13 @@ class Linear(nnx.Module):
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
 
-    def __call__(self, x: jax.Array, *, preferred_element_type=None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, preferred_element_type=None, kernel: jax.Array | None = None) -> jax.Array:
         """`preferred_element_type`: the product's accumulation and output dtype (the output head: float32, so
-        bfloat16 logits are not rounded before the softmax)."""
+        bfloat16 logits are not rounded before the softmax). `kernel`: this layer's kernel as the caller laid it
+        out (the output head gathered once for all its chunks, logps.py)."""
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=preferred_element_type)
+        kernel = self.kernel[...] if kernel is None else kernel
+        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=preferred_element_type)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.lora_a is not None:
@@ -80,9 +83,11 @@ class Embed(nnx.Module):
         # validated by the data pipeline; a jitted model cannot raise.
         return jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(self.dtype)
 
-    def attend(self, x_BxTxD: jax.Array) -> jax.Array:
-        """Tied output logits, accumulated and returned in float32 (at least) whatever the compute dtype."""
-        return jnp.dot(x_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
+    def attend(self, x_BxTxD: jax.Array, embedding: jax.Array | None = None) -> jax.Array:
+        """Tied output logits, accumulated and returned in float32 (at least) whatever the compute dtype;
+        `embedding` as the caller laid it out (see Linear)."""
+        embedding = self.embedding[...] if embedding is None else embedding
+        return jnp.dot(x_BxTxD.astype(self.dtype), embedding.astype(self.dtype).T,
                        preferred_element_type=wide(self.dtype))
 
 
@@ -373,14 +378,15 @@ class GatedMLP(nnx.Module):
 
 
 def run_blocks(blocks, x, *args, remat: bool = False):
-    """Apply decoder blocks in order. With `remat`, runs of blocks of the same structure go through one
-    `jax.lax.scan` over their stacked weights, each block under `jax.checkpoint`: the backward pass keeps
-    only each block's input and recomputes the rest. The scan
+    """Apply decoder blocks in order, each block's input and output pinned to batch rows (FSDP's layout: rows split
+    over data x fsdp, weights gathered per layer as used; see sharding.constrain_rows). With `remat`, runs of
+    blocks of the same structure go through one `jax.lax.scan` over their stacked weights, each block under
+    `jax.checkpoint`: the backward pass keeps only each block's input and recomputes the rest. The scan
     is what makes XLA keep that promise: blocks checkpointed one after the other in straight-line code are
     often scheduled so that every recomputation lands early and the memory is not saved (XLA:CPU)."""
     if not remat:
         for block in blocks:
-            x = block(x, *args)
+            x = run_block(block, x, args)
         return x
     graphdefs, states = zip(*(nnx.split(block) for block in blocks))
     start = 0
@@ -393,10 +399,15 @@ def run_blocks(blocks, x, *args, remat: bool = False):
     return x
 
 
+def run_block(block, x, args):
+    """One block on rows pinned to the batch layout: where a block's output is made."""
+    return constrain_rows(block(constrain_rows(x), *args))
+
+
 def _scan_blocks(graphdef, states, x, args):
     """Blocks of one structure, their weights stacked (a copy: the blocks' parameters once more while the
     step runs), in a scan whose body is checkpointed."""
-    body = jax.checkpoint(lambda s, h: nnx.merge(graphdef, s)(h, *args))
+    body = jax.checkpoint(lambda s, h: run_block(nnx.merge(graphdef, s), h, args))
     if len(states) == 1:
         return body(states[0], x)
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)

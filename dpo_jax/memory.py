@@ -45,6 +45,17 @@ def _abstract(tree, mesh):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def frozen_dtype(o, compute):
+    """The dtype the frozen weights' matrices are held in: the reference's, and a LoRA run's base."""
+    return compute if o.run.ref_dtype == "auto" else jnp.dtype(o.run.ref_dtype)
+
+
+def _held_frozen(tree, dtype):
+    """As trainer.hold_frozen holds them: matrices (2+ dimensions) in `dtype`, vectors as loaded."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if x.ndim >= 2 else x.dtype,
+                                                       sharding=x.sharding), tree)
+
+
 def abstract_models(o, config, ref_config, mesh, dtype, remat: bool):
     """(graphdef, params, ref_graphdef, ref) of the run as the trainer builds them (trainer.build_models), from
     the configs alone. `ref_config` None: no live reference (precomputed log-probs, or reference-free)."""
@@ -58,12 +69,13 @@ def abstract_models(o, config, ref_config, mesh, dtype, remat: bool):
     policy = nnx.eval_shape(lambda: build(config, o.lora.use_peft))
     if o.lora.use_peft:
         graphdef, adapters, (keys, base) = lora.split_lora(policy, remat)
-        return graphdef, _abstract(adapters, mesh), None, (_abstract(keys, mesh), _abstract(base, mesh))
+        base = _held_frozen(_abstract(base, mesh), frozen_dtype(o, dtype))
+        return graphdef, _abstract(adapters, mesh), None, (_abstract(keys, mesh), base)
     ref_graphdef = ref = None
     if ref_config is not None:
         ref_model = policy if ref_config is config else nnx.eval_shape(lambda: build(ref_config, False))
         ref_graphdef, ref = S.split_reference(ref_model, remat)
-        ref = _abstract(ref, mesh)
+        ref = _held_frozen(_abstract(ref, mesh), frozen_dtype(o, dtype))
     graphdef, params = S.split_policy(policy, remat)
     return graphdef, _abstract(params, mesh), ref_graphdef, ref
 

@@ -62,9 +62,7 @@ def compute_dtype(o: Options):
     return jnp.bfloat16 if bf16 else jnp.float32
 
 
-def frozen_dtype(o: Options, compute):
-    """The dtype the frozen weights' matrices are held in: the reference's, and a LoRA run's base."""
-    return compute if o.run.ref_dtype == "auto" else jnp.dtype(o.run.ref_dtype)
+frozen_dtype = memory.frozen_dtype
 
 
 def hold_frozen(params, dtype):

@@ -37,7 +37,8 @@ def config_dir(path, hidden, layers, vocab=1024, heads=4, kv_heads=2):
 
 def tpu_bytes(shape, itemsize=4) -> int:
     """Bytes of a 32-bit array in TPU memory: stored in tiles of 8 x 128 over its two minor dimensions (of 1, 2
-    or 4 x 128 when the second is that small), a 1-D array or a scalar in tiles of 128."""
+    or 4 x 128 when the second is that small), a 1-D array or a scalar in tiles of 128. (bfloat16 matrices: tiles
+    of 16 x 128; every one here has a multiple of 16 rows.)"""
     shape = tuple(shape) or (1,)
     *major, minor = shape
     if major:
@@ -64,6 +65,12 @@ def param_shapes(model_dir, mesh, lora_rank=None):
     return params, adapters
 
 
+def held_frozen(shapes) -> int:
+    """TPU bytes of frozen weights as the trainer holds them: matrices in bfloat16 (the compute dtype), vectors
+    in float32."""
+    return sum(tpu_bytes(s, 2 if len(s) >= 2 else 4) for s in shapes)
+
+
 def scalars_of_the_optimizer(o):
     from dpo_jax import step as S
 
@@ -72,9 +79,9 @@ def scalars_of_the_optimizer(o):
 
 
 def test_full_fine_tune_on_v5e(tmp_path, capsys):
-    """4 v5e chips, fsdp=4: XLA's argument bytes per chip are the parameters, both AdamW moments, the reference
-    (float32, each split 4 ways on its model-width side) and the batch, counted here in TPU tiles; the FLOPs count
-    the scan over the 2 decoder blocks twice; the JSON has the figures."""
+    """4 v5e chips, fsdp=4: XLA's argument bytes per chip are the parameters and both AdamW moments (float32),
+    the reference (its matrices in bfloat16), each split 4 ways on its model-width side, and the batch, counted
+    here in TPU tiles; the FLOPs count the scan over the 2 decoder blocks twice; the JSON has the figures."""
     model = config_dir(tmp_path / "m", hidden=512, layers=2)
     o = options.parse(["--model_name_or_path", model, "--max_length", "128", "--per_device_train_batch_size", "8",
                        "--pack_pairs", "shared_prefix", "--gradient_checkpointing", "true"])
@@ -87,7 +94,7 @@ def test_full_fine_tune_on_v5e(tmp_path, capsys):
     scalars = 3 + scalars_of_the_optimizer(o)  # step, nonfinite_run, nonfinite_total and the optimizer's counts
     pairs, row = 8, 256  # a row per pair per chip; prompt, chosen and rejected in 2 x max_length
     batch = 3 * tpu_bytes((pairs, row)) + tpu_bytes((pairs,))  # input_ids, branch, position_ids; pair_mask
-    assert figures["argument"] == 4 * weights + scalars * tpu_bytes(()) + batch
+    assert figures["argument"] == 3 * weights + held_frozen(params) + scalars * tpu_bytes(()) + batch
     assert figures["chips"] == 4 and figures["topology"] == "v5e:2x2" and figures["hbm"] == 16 * 2**30
     assert figures["fits"] is True and figures["total"] == figures["argument"] + figures["output"] \
         - figures["alias"] + figures["temp"]
@@ -115,12 +122,12 @@ def test_lora_on_v5p(tmp_path, capsys):
     keys = len(adapters) // 2  # one dropout key (uint32 [2], replicated) per adapted layer
     scalars = 3 + scalars_of_the_optimizer(o)
     batch = 4 * tpu_bytes((1, 2, 128)) + tpu_bytes((1,))
-    expected = 3 * sum(tpu_bytes(s) for s in adapters) + sum(tpu_bytes(s) for s in params) \
+    expected = 3 * sum(tpu_bytes(s) for s in adapters) + held_frozen(params) \
         + keys * tpu_bytes((2,)) + scalars * tpu_bytes(()) + batch
     assert figures["argument"] == expected
-    logical = lambda shapes: sum(4 * int(np.prod(s)) for s in shapes)  # noqa: E731
-    assert figures["arguments"]["parameters"] == logical(adapters)  # trained: the adapters alone
-    assert figures["arguments"]["reference"] == logical(params) + keys * 8  # the base, once
+    assert figures["arguments"]["parameters"] == sum(4 * int(np.prod(s)) for s in adapters)  # the adapters alone
+    assert figures["arguments"]["reference"] == sum((2 if len(s) >= 2 else 4) * int(np.prod(s)) for s in params) \
+        + keys * 8  # the base, once (matrices in bfloat16), and the dropout keys
     assert figures["chips"] == 8 and figures["topology"] == "v5p:2x2x2" and figures["fits"] is True
 
 

@@ -210,7 +210,7 @@ def _submodule(computations, name: str) -> str:
 
 @dataclass
 class Figures:
-    flops: float | None  # every loop counted trip-count times; None when a loop's trip count cannot be read
+    flops: float | None  # every loop counted trip-count times; None when a loop cannot be counted
     flops_once: float  # XLA's own figure: each loop body once
     loops: list[tuple[str, int | None]]  # (while instruction, trip count)
     collectives: dict[str, int]  # bytes per device by kind, loops counted trip-count times
@@ -220,6 +220,7 @@ def analyse(text: str, client) -> Figures:
     """The figures of an optimized HLO module's text; `client` runs XLA's cost analysis (any backend's: the
     analysis is the same HloCostAnalysis)."""
     from jax._src.lib import _jax  # XLA's cost analysis of a module, what Compiled.cost_analysis() calls
+    from jax.errors import JaxRuntimeError
     from jaxlib import _hlo
 
     computations, entry = parse(text)
@@ -258,8 +259,13 @@ def analyse(text: str, client) -> Figures:
             kind = instruction.opcode.removesuffix("-start")
             if kind in COLLECTIVES and runs.get(name):
                 collectives[kind] += runs[name] * _moved_bytes(computation, instruction, kind)
-    return Figures(flops=None if unknown else weighted(entry), flops_once=cost(entry), loops=loops,
-                   collectives=collectives)
+    flops = None
+    if not unknown:
+        try:
+            flops = weighted(entry)
+        except JaxRuntimeError:  # a loop body the analysis cannot take as a module of its own
+            flops = None
+    return Figures(flops=flops, flops_once=cost(entry), loops=loops, collectives=collectives)
 
 
 def _moved_bytes(computation: Computation, instruction: Instruction, kind: str) -> int:

@@ -198,7 +198,7 @@ def plan(o, topology: str | None = None) -> dict:
               f"  DOES NOT FIT: {memory.gb(usage.total)} of {memory.gb(hbm)}; try: "
               + "; ".join(memory.suggestions(o, mesh, step.remat)))
     loops = ", ".join(str(n) for _, n in counted.loops) or "none"
-    flops = "unknown (a loop's trip count could not be read)" if counted.flops is None else f"{counted.flops:.4g}"
+    flops = "unknown (a loop could not be counted)" if counted.flops is None else f"{counted.flops:.4g}"
     print(f"  FLOPs per chip per step: {flops} (XLA's count, each loop once: {counted.flops_once:.4g}; loop trip "
           f"counts {loops})")
     print("  collectives per chip per step: " + ", ".join(f"{k} {memory.gb(v)}" for k, v in

@@ -192,10 +192,10 @@ def plan(o, topology: str | None = None) -> dict:
                    compile_seconds=round(step.seconds, 1))
     print(usage.table(hbm, source, title=f"  memory per chip (XLA, gradient_checkpointing {str(step.remat).lower()}):",
                       indent="    "))
-    if hbm:
-        print(f"  {'fits' if fits else 'DOES NOT FIT'}: {memory.gb(usage.total)} of {memory.gb(hbm)} "
-              f"({100 * (1 - usage.total / hbm):.0f}% free)" if fits else
-              f"  DOES NOT FIT: {memory.gb(usage.total)} of {memory.gb(hbm)}; try: "
+    if hbm and fits:
+        print(f"  fits: {memory.gb(usage.total)} of {memory.gb(hbm)} ({100 * (1 - usage.total / hbm):.0f}% free)")
+    elif hbm:
+        print(f"  DOES NOT FIT: {memory.gb(usage.total)} of {memory.gb(hbm)}; try: "
               + "; ".join(memory.suggestions(o, mesh, step.remat)))
     loops = ", ".join(str(n) for _, n in counted.loops) or "none"
     flops = "unknown (a loop could not be counted)" if counted.flops is None else f"{counted.flops:.4g}"

@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dpo_jax import hlo, options, plan
 from dpo_jax.cli import main
-from dpo_jax.errors import UserError
 from dpo_jax.hf import load_config
 from dpo_jax.models import family
 from dpo_jax.sharding import logical_to_spec, make_mesh

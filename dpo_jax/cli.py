@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", add_help=False,
                            help="training speed and memory, and TRL's side by side (--vs trl); --help for more")
     bench.set_defaults(run=_bench)
+    plan = sub.add_parser("plan", add_help=False,
+                          help="memory, FLOPs and collectives of a run's train step, compiled for a TPU topology "
+                               "(--topology v5p-16) or this machine, from config.json alone; --help for more")
+    plan.set_defaults(run=_plan)
     return parser
 
 
@@ -231,6 +235,33 @@ def _train(args) -> int:
     return 0 if trainer.finished else 128 + trainer.stopped_by  # stopped early: as a process killed by it
 
 
+def _plan(args) -> int:
+    from . import plan
+
+    if any(a in ("-h", "--help") for a in args.options):
+        print(PLAN_HELP)
+        return 0
+    plan.quiet_libtpu(plan.own_topology(args.options))  # before the TPU compiler starts
+    return plan.main(args.options)
+
+
+PLAN_HELP = """usage: dpo-jax plan --model_name_or_path DIR [--topology T] [--output_json FILE] [train options]
+
+The train step of `dpo-jax train` with these options, built from DIR's config.json alone (no weights, tokenizer
+or data) and compiled for --topology: a TPU topology as libtpu names it (v5p:2x2x2, v5e:2x4, v4:2x2x1, v6e:2x4)
+or a Cloud TPU accelerator type (v5p-16 = 8 chips: v4 and v5p count TensorCores; v5litepod-8, v6e-8 count
+chips). Without --topology it plans this machine's devices. Needs the TPU compiler for --topology:
+pip install "dpo-jax[plan]".
+
+The batch is the longest the options allow: per_device_train_batch_size x (data x fsdp) x
+gradient_accumulation_steps pairs, pack_pairs pairs: rows of max_length tokens; shared_prefix and packed: a row
+of 2 x max_length per pair. It prints per chip XLA's arguments, outputs, temporaries and total against HBM,
+whether it fits, FLOPs per step (loops counted as often as they run), collective bytes per step by kind, and
+the compile time; when the compiler refuses the step, its list of the largest buffers and what to change.
+--output_json FILE writes the same figures (bytes per chip: argument, temp, total, hbm; fits; ...).
+Exit status: 0 fits, 1 does not fit, 2 a bad option."""
+
+
 def _bench(args) -> int:
     from .bench import main
 
@@ -245,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.debug = debug
-    if args.command not in ("train", "evaluate", "bench", "demo") and rest:
+    if args.command not in ("train", "evaluate", "bench", "demo", "plan") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.options = rest
     try:

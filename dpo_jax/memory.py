@@ -1,130 +1,245 @@
-"""The memory planner: per-device memory of a training run, estimated before any weight is loaded or any step
-compiled, so a run that cannot fit stops at once with a suggestion instead of failing minutes later.
+"""The memory of a training run, from the compiler: the run's own train step is built abstractly (shapes and
+shardings, no weight read or allocated) and compiled for the run's mesh, and XLA's `memory_analysis()` says
+what one device holds: its arguments (parameters, optimizer state, reference, batch), its outputs (the new
+state, aliased to the donated old one) and its temporaries (activations, gradients, gathered weights).
 
-Parameters, optimizer state and the reference are counted exactly from the model's shapes and their
-shardings on the mesh. Activations follow a model of what the step keeps, per device, for one micro-batch of
-r rows (sequences) of T tokens (the longest bucket):
-- per decoder layer, with nothing recomputed: 3 attention-score buffers r x heads x T x T in float32 (scores,
-  probabilities, their gradient) and r x T x (10 hidden + 3 intermediate) values in the compute dtype
-  (projections, norms, residuals, the MLP's gate, up and product);
-- with `gradient_checkpointing`: each layer keeps only its input (r x T x hidden); one layer's buffers above
-  are live at a time, with one attention-score buffer; and the blocks' weights are stacked for the scan that
-  runs them (models/layers.py: a copy of the parameters; a live reference's stack is freed before the
-  policy's backward pass);
-- the output head: 2 buffers r x C x vocab in float32 (a chunk's logits and their gradient), C the chunk;
-- the gradient (float32, like the trainable parameters; twice with gradient accumulation: the running sum)
-  and one more copy for the optimizer's update.
-Checked against XLA's own `compiled.memory_analysis()` of the train step on one CPU device: within 25% over
-a range of widths, depths, vocabularies, lengths, batches and accumulation (tests/test_memory.py). On a
-multi-device CPU mesh XLA's partitioner adds buffers of its own (whole gathered weights and gradients) that
-the plan does not model; accelerators' compilers schedule FSDP gathers per layer, as the plan assumes.
+`dpo-jax train` compiles the step this way for the run's largest batch shape before it loads any weight,
+refuses a run that does not fit with what would bring it down, and keeps the compiled step for training
+(`jax.jit` reuses it for that shape). `dpo-jax plan` (plan.py) does the same for a TPU topology.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import lora
+from . import step as S
 from .errors import UserError
-from .logps import head_chunks
 from .models import family
-from .sharding import logical_to_spec
 
 GB = 1024 ** 3
 
 
-@dataclasses.dataclass
-class Plan:
-    parameters: int  # bytes per device
-    gradients: int
-    optimizer: int
-    reference: int
-    activations: int
-    batch: int
+class AbstractRun(NamedTuple):
+    """The train step's inputs as `jax.ShapeDtypeStruct`s with shardings, and what the step is built from."""
+
+    graphdef: Any
+    ref_graphdef: Any  # None with LoRA (the base is the reference) or without a live reference
+    state: S.TrainState
+    ref: Any  # the reference's parameters (LoRA: (dropout keys, base weights)); None when not live
+    batch: dict
+
+
+def _abstract(tree, mesh):
+    """`tree`'s variables holding shapes with the shardings their logical axes give on `mesh` (the structure of
+    the arrays the loader places there, so that the step compiled for one is the step of the other)."""
+    shardings = S.state_shardings(tree, mesh)
+    return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), tree, shardings,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def frozen_dtype(o, compute):
+    """The dtype the frozen weights' matrices are held in: the reference's, and a LoRA run's base."""
+    return compute if o.run.ref_dtype == "auto" else jnp.dtype(o.run.ref_dtype)
+
+
+def _held_frozen(tree, dtype):
+    """As trainer.hold_frozen holds them: matrices (2+ dimensions) in `dtype`, vectors as loaded."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if x.ndim >= 2 else x.dtype,
+                                                       sharding=x.sharding), tree)
+
+
+def abstract_models(o, config, ref_config, mesh, dtype, remat: bool):
+    """(graphdef, params, ref_graphdef, ref) of the run as the trainer builds them (trainer.build_models), from
+    the configs alone. `ref_config` None: no live reference (precomputed log-probs, or reference-free)."""
+    def build(cfg, with_adapters: bool):
+        model = family(cfg.model_type).Model(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        if with_adapters:  # inside eval_shape: the adapters' initialisation is traced, never run
+            lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
+                            seed=o.run.seed)
+        return model
+
+    policy = nnx.eval_shape(lambda: build(config, o.lora.use_peft))
+    if o.lora.use_peft:
+        graphdef, adapters, (keys, base) = lora.split_lora(policy, remat)
+        base = _held_frozen(_abstract(base, mesh), frozen_dtype(o, dtype))
+        return graphdef, _abstract(adapters, mesh), None, (_abstract(keys, mesh), base)
+    ref_graphdef = ref = None
+    if ref_config is not None:
+        ref_model = policy if ref_config is config else nnx.eval_shape(lambda: build(ref_config, False))
+        ref_graphdef, ref = S.split_reference(ref_model, remat)
+        ref = _held_frozen(_abstract(ref, mesh), frozen_dtype(o, dtype))
+    graphdef, params = S.split_policy(policy, remat)
+    return graphdef, _abstract(params, mesh), ref_graphdef, ref
+
+
+def lora_targets(o):
+    """lora_target_modules as `apply_lora` takes it: None (PEFT's default), "all-linear", or names."""
+    targets = o.lora.lora_target_modules
+    return lora.ALL_LINEAR if targets == (lora.ALL_LINEAR,) else targets or None
+
+
+def abstract_state(params, tx) -> S.TrainState:
+    """The training state `step.init_state` builds from `params`, as shapes with its shardings."""
+    zero = jnp.zeros((), jnp.int32)
+    shapes = jax.eval_shape(lambda p: S.TrainState(zero, p, tx.init(p), zero, zero), params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        S.train_state_shardings(params, tx))
+
+
+def batch_shapes(layout: str, pairs: int, length: int, rows: int | None = None,
+                 ref_logps: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{name: (shape, dtype)} of a global batch of `pairs` pairs in batching.py's `layout` with rows of
+    `length` tokens (`rows`: the packed layout's row count, default one row per pair)."""
+    i32 = np.int32
+    if layout == "pairs":
+        out = {k: ((pairs, 2, length), i32) for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")}
+    elif layout == "shared_prefix":
+        out = {k: ((pairs, length), i32) for k in ("input_ids", "branch", "position_ids")}
+    elif layout == "packed":
+        out = {k: ((rows or pairs, length), i32) for k in ("input_ids", "branch", "segment", "position_ids")}
+        out.update({k: ((pairs,), i32) for k in ("pair_row", "pair_slot", "chosen_targets")})
+        out["lengths"] = ((pairs, 2), i32)
+    else:
+        raise UserError(f"pack_pairs must be pairs, shared_prefix or packed, not {layout!r}")
+    out["pair_mask"] = ((pairs,), i32)
+    if ref_logps:
+        out["ref_logps"] = ((pairs, 2), np.float32)
+    return out
+
+
+def abstract_run(o, config, ref_config, mesh, dtype, tx, *, length: int, rows: int | None = None,
+                 remat: bool) -> AbstractRun:
+    """The run's step inputs for its global batch with rows of `length` tokens, on `mesh`."""
+    graphdef, params, ref_graphdef, ref = abstract_models(o, config, ref_config, mesh, dtype, remat)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    pairs = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
+    placed = S.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype_, sharding=placed) for k, (shape, dtype_) in
+             batch_shapes(o.run.pack_pairs, pairs, length, rows, ref_logps=o.run.precompute_ref_log_probs).items()}
+    return AbstractRun(graphdef, ref_graphdef, abstract_state(params, tx), ref, batch)
+
+
+def live_reference(o) -> bool:
+    """Whether the step runs a reference model (not precomputed log-probs, not reference-free); LoRA's base
+    weights are held either way, as the policy's own."""
+    return not (o.run.precompute_ref_log_probs or o.loss.reference_free)
+
+
+class OutOfMemory(Exception):
+    """The compiler refused the step: it needs more memory than the device has (XLA's RESOURCE_EXHAUSTED, whose
+    message lists the largest buffers)."""
+
+    def __init__(self, report: str, run: AbstractRun, remat: bool):
+        super().__init__(report)
+        self.report, self.run, self.remat = report, run, remat
+
+
+class Step(NamedTuple):
+    """The run's train step compiled for one batch shape: `fn` is the jitted step (called with arrays of that
+    shape it reuses `compiled`), `usage` its memory per device."""
+
+    fn: Any
+    compiled: Any
+    run: AbstractRun
+    usage: "Usage"
+    remat: bool
+    seconds: float  # compile time
+
+
+def compile_step(o, config, ref_config, mesh, dtype, tx, *, length: int, rows: int | None = None,
+                 remat: bool) -> Step:
+    """The run's train step (step.compile_train_step, as the trainer runs it) lowered for its abstract inputs and
+    compiled for `mesh`'s devices. Raises OutOfMemory when the compiler finds that it does not fit."""
+    import time
+
+    run = abstract_run(o, config, ref_config, mesh, dtype, tx, length=length, rows=rows, remat=remat)
+    cfg = S.StepConfig(loss=o.loss, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
+                       gradient_checkpointing=remat, lora=o.lora.use_peft, seed=o.run.seed)
+    fn = S.compile_train_step(run.graphdef, run.ref_graphdef, cfg, tx, mesh, run.state, run.ref)
+    start = time.perf_counter()
+    try:
+        compiled = fn.lower(run.state, run.ref, run.batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise OutOfMemory(str(e), run, remat) from None
+    return Step(fn, compiled, run, Usage.of(compiled, run), remat, time.perf_counter() - start)
+
+
+def fitting_step(compile_with, remat: bool | None, limit: int | None) -> Step:
+    """`compile_with(remat=...)` for the run's `gradient_checkpointing`; None (the default) compiles without
+    remat first, since recomputing costs a forward pass, and with it only when that step does not fit in 80% of
+    `limit` (or the compiler refuses it) and remat needs less."""
+    if remat is not None:
+        return compile_with(remat=remat)
+    try:
+        off = compile_with(remat=False)
+    except OutOfMemory:
+        return compile_with(remat=True)
+    if limit is None or off.usage.total <= 0.8 * limit:
+        return off
+    try:
+        on = compile_with(remat=True)
+    except OutOfMemory:
+        return off
+    return on if on.usage.total < off.usage.total else off  # weights-bound runs gain nothing from remat
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of the arrays (or ShapeDtypeStructs with shardings) in `tree`: each leaf's
+    shard shape on its mesh, the largest shard where they differ."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Bytes per device of a compiled step, as XLA allocates them, and its arguments by kind."""
+
+    argument: int
+    output: int
+    alias: int  # outputs written into donated arguments (the state): not allocated twice
+    temp: int
+    parts: dict  # arguments by kind: parameters, optimizer state, reference, batch (our own count)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.reference + self.activations + self.batch
+        return self.argument + self.output - self.alias + self.temp
 
-    def table(self, limit: int | None, source: str) -> str:
-        rows = [("parameters", self.parameters), ("gradients", self.gradients), ("optimizer state", self.optimizer),
-                ("reference", self.reference), ("activations", self.activations), ("batch", self.batch),
-                ("total", self.total)]
-        lines = ["memory plan, per device:"] + [f"  {name:16} {_gb(n):>10}" for name, n in rows]
+    @classmethod
+    def of(cls, compiled, run: AbstractRun) -> "Usage":
+        m = compiled.memory_analysis()
+        parts = {"parameters": per_device_bytes(run.state.params),
+                 "optimizer state": per_device_bytes((run.state.opt_state, run.state.step, run.state.nonfinite_run,
+                                                      run.state.nonfinite_total)),
+                 "reference": per_device_bytes(run.ref), "batch": per_device_bytes(run.batch)}
+        return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes,
+                   parts)
+
+    def table(self, limit: int | None, source: str, title: str = "memory, per device (XLA's compiled step):",
+              indent: str = "  ") -> str:
+        rows = [("arguments", self.argument)] + [(f"  {k}", v) for k, v in self.parts.items()]
+        rows += [("outputs", self.output), ("  aliased", self.alias), ("temporaries", self.temp),
+                 ("total", self.total)]
+        lines = [title] + [f"{indent}{name:18} {gb(n):>11}" for name, n in rows]
         if limit:
-            lines.append(f"  {'device memory':16} {_gb(limit):>10}  ({source})")
+            lines.append(f"{indent}{'device memory':18} {gb(limit):>11}  ({source})")
         return "\n".join(lines)
 
 
-def _gb(n: int) -> str:
-    return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 2**20:.1f} MB"
-
-
-def dims(config) -> dict:
-    """Layer count and widths of a model config (Llama-style or GPT-2 names)."""
-    get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None))  # noqa: E731
-    hidden = get("hidden_size", "n_embd")
-    heads = get("num_heads", "n_head")
-    return {"layers": get("num_layers", "n_layer"), "hidden": hidden, "heads": heads,
-            "intermediate": get("intermediate_size", "n_inner") if getattr(config, "n_inner", 1) else 4 * hidden,
-            "vocab": config.vocab_size}
-
-
-def sharded_bytes(config, mesh, param_bytes: int = 4) -> tuple[int, int, int]:
-    """(bytes per device of all parameters, of the largest layer unsharded, parameter count), from the model's
-    abstract shapes and logical axes placed on `mesh` (nothing is allocated)."""
-    model = nnx.eval_shape(lambda: family(config.model_type).Model(config, rngs=nnx.Rngs(0)))
-    total = count = 0
-    per_layer: dict[str, int] = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = tuple(variable.get_value().shape)
-        axes = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
-        spec = logical_to_spec(tuple(axes), shape, mesh)
-        split = math.prod(mesh.shape[a] for a in spec if a)
-        n = math.prod(shape)
-        total += n * param_bytes // split
-        count += n
-        if "layers" in path:
-            layer = str(path[path.index("layers") + 1])
-            per_layer[layer] = per_layer.get(layer, 0) + n
-    return total, max(per_layer.values(), default=0), count
-
-
-def plan(config, mesh, *, per_device_batch: int, max_length: int, compute_dtype, gradient_accumulation_steps: int = 1,
-         gradient_checkpointing: bool = True, lora_params: int | None = None, live_reference: bool = True,
-         rows_per_pair: int = 2) -> Plan:
-    """The per-device memory of a run: `lora_params` is the adapters' parameter count when training LoRA;
-    `live_reference` False when the reference log-probs are precomputed (or LoRA: the base is the reference);
-    `rows_per_pair` 2 when chosen and rejected have rows of their own, 1 for the prompt-sharing layouts (whose
-    `max_length` is then the row's)."""
-    d = dims(config)
-    tensor = mesh.shape["tensor"]
-    params, largest_layer, count = sharded_bytes(config, mesh)
-    devices = mesh.shape["data"] * mesh.shape["fsdp"] * tensor
-    trainable = params if lora_params is None else 4 * lora_params // mesh.shape["fsdp"]  # A over fsdp, B mostly
-    c = jnp.dtype(compute_dtype).itemsize
-    r, t = rows_per_pair * per_device_batch, max_length
-    heads, inter, vocab = d["heads"] // tensor or 1, d["intermediate"] // tensor, d["vocab"] // tensor
-    scores = r * heads * t * t * 4
-    layer = 3 * scores + r * t * (10 * d["hidden"] + 3 * inter) * c
-    if gradient_checkpointing:  # block inputs, one block's activations, and the blocks' weights stacked for the scan
-        # (the reference's stack, when it has one, is gone before the policy's backward pass)
-        layers = d["layers"] * r * t * d["hidden"] * c + (layer - 2 * scores) + params
-    else:
-        layers = d["layers"] * layer
-    chunk, _ = head_chunks(t, r * devices // tensor, d["vocab"])  # the step sizes chunks from its global shapes
-    head = 2 * r * chunk * vocab * 4  # a chunk's logits and their gradient
-    gathered = 2 * largest_layer * c if mesh.shape["fsdp"] > 1 else 0  # fsdp: one layer's weights gathered
-    gradients = trainable * (2 if gradient_accumulation_steps > 1 else 1)
-    batch = r * t * 4 * 5 * gradient_accumulation_steps
-    return Plan(parameters=params, gradients=gradients + trainable, optimizer=2 * trainable,
-                reference=params if (live_reference and lora_params is None) else 0,
-                activations=layers + head + gathered, batch=batch)
+def gb(n: int) -> str:
+    return f"{n / GB:.2f} GiB" if n >= GB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def device_memory(limit_gb: float | None = None) -> tuple[int | None, str]:
@@ -147,43 +262,40 @@ def device_memory(limit_gb: float | None = None) -> tuple[int | None, str]:
     return available // jax.local_device_count(), f"host memory available / {jax.local_device_count()} devices"
 
 
-def check(p: Plan, limit: int | None, *, lora: bool, gradient_checkpointing: bool, live_reference: bool,
-          mesh) -> None:
-    """Refuse a plan above the device's memory, with what would bring it down."""
-    if not limit or p.total <= limit:
-        return
+def suggestions(o, mesh, remat: bool) -> list[str]:
+    """What would bring a run's memory down, for the settings it has."""
     ideas = []
-    if not lora:
+    if not o.lora.use_peft:
         ideas.append("--use_peft true (LoRA: no optimizer state or gradients for the base weights, no reference copy)")
-    if not gradient_checkpointing:
+    if not remat:
         ideas.append("--gradient_checkpointing true")
-    if live_reference and not lora:
+    if live_reference(o) and not o.lora.use_peft:
         ideas.append("--precompute_ref_log_probs true (no reference model in memory)")
     if mesh.shape["data"] > 1:
         ideas.append(f"move the data={mesh.shape['data']} devices to fsdp (--mesh fsdp=-1) to shard the weights")
     ideas.append("a smaller per_device_train_batch_size (with more gradient_accumulation_steps) or max_length")
-    raise UserError(f"this run needs about {_gb(p.total)} per device (parameters {_gb(p.parameters)}, optimizer "
-                    f"{_gb(p.optimizer)}, gradients {_gb(p.gradients)}, reference {_gb(p.reference)}, activations "
-                    f"{_gb(p.activations)}) and a device holds {_gb(limit)}. Try: " + "; ".join(ideas) + ".")
+    return ideas
 
 
-def compiled_bytes(compiled) -> int:
-    """What XLA allocates per device for a compiled step: its arguments and outputs (less what the outputs
-    alias, the donated state) and its temporaries."""
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+def check(step: Step, limit: int | None, o, mesh) -> None:
+    """Refuse a run whose compiled step needs more than a device holds, with what would bring it down."""
+    usage = step.usage
+    if not limit or usage.total <= limit:
+        return
+    args = ", ".join(f"{k} {gb(v)}" for k, v in usage.parts.items())
+    raise UserError(f"this run needs {gb(usage.total)} per device (XLA's compiled train step: arguments "
+                    f"{gb(usage.argument)} ({args}), temporaries {gb(usage.temp)}) and a device holds {gb(limit)}. "
+                    f"Try: " + "; ".join(suggestions(o, mesh, step.remat)) + ".")
 
 
-def lora_param_count(config, rank: int, targets) -> int:
-    """Adapters' parameter count: rank x (in + out) per targeted linear layer."""
-    model = nnx.eval_shape(lambda: family(config.model_type).Model(config, rngs=nnx.Rngs(0)))
-    from .models.layers import Linear
+def refuse_out_of_memory(error: OutOfMemory, o, mesh) -> UserError:
+    """The compiler's refusal as a user error: XLA's account of the largest buffers, and what to change."""
+    return UserError(f"the compiler finds that this run's train step does not fit in a device's memory:\n"
+                     f"{largest_buffers(error.report)}\nTry: " + "; ".join(suggestions(o, mesh, error.remat)) + ".")
 
-    total = 0
-    for path, module in nnx.iter_graph(model):
-        name = str(path[-1]) if path else ""
-        if isinstance(module, Linear) and name != "lm_head" and (targets == "all-linear" or name in targets):
-            d_in, d_out = module.kernel.get_value().shape
-            total += rank * (d_in + d_out)
-    return total
 
+def largest_buffers(report: str, lines: int = 40) -> str:
+    """The useful part of XLA's RESOURCE_EXHAUSTED message: the totals and the largest allocations."""
+    text = report.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    kept = text.splitlines()
+    return "\n".join(kept[:lines] + ([f"... ({len(kept) - lines} more lines)"] if len(kept) > lines else []))

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import audit, lora, memory, reference, report, rundir
 from . import options as opts
 from . import step as S
-from .batching import BatchIterator, Prefetcher, load_pairs
+from .batching import PACKED_EPOCHS, BatchIterator, Prefetcher, load_pairs
 from . import checkpoint
 from .checkpoint import Checkpoints, abstract
 from .data import MissingSplit
@@ -69,9 +69,7 @@ def compute_dtype(o: Options):
     return jnp.bfloat16 if bf16 else jnp.float32
 
 
-def frozen_dtype(o: Options, compute):
-    """The dtype the frozen weights' matrices are held in: the reference's, and a LoRA run's base."""
-    return compute if o.run.ref_dtype == "auto" else jnp.dtype(o.run.ref_dtype)
+frozen_dtype = memory.frozen_dtype
 
 
 def hold_frozen(params, dtype):
@@ -97,10 +95,7 @@ def with_layout(o: Options) -> Options:
     return o
 
 
-def lora_targets(o: Options):
-    """lora_target_modules as `apply_lora` takes it: None (PEFT's default), "all-linear", or names."""
-    targets = o.lora.lora_target_modules
-    return lora.ALL_LINEAR if targets == (lora.ALL_LINEAR,) else targets or None
+lora_targets = memory.lora_targets
 
 
 # options that belong to one launch, not to the run: never "changed" on resume
@@ -243,13 +238,13 @@ class Trainer:
         pad = pad_id(self.tokenizer)
         self.train_pairs, self.batches, self.eval_pairs, self.eval_batches = self._data(batch_devices)
         self.dtype = compute_dtype(o)
-        length = max(self.batches.buckets + ((self.batches.row_cap,) if o.run.pack_pairs == "packed" else ()))
-        if o.run.gradient_checkpointing is None:  # only where memory needs it: it costs a forward pass
-            (fits, off), (_, on) = (self.plan_memory(config, length, gradient_checkpointing=remat, quiet=True)
-                                    for remat in (False, True))
-            remat = not fits and on.total < off.total  # weights-bound runs gain nothing from it (stacked copy)
-            self.o = o = dataclasses.replace(o, run=dataclasses.replace(o.run, gradient_checkpointing=remat))
-        self.plan_memory(config, length)
+        self.total_steps = self._total_steps()
+        self.schedule = S.make_schedule(o.optim, self.total_steps)
+        self.tx = S.make_optimizer(o.optim, self.total_steps)
+        # the compiler's account of the step for the run's largest batch, before any weight is loaded; jax.jit
+        # keeps that compilation for the steps of that shape
+        planned = self.plan_memory(config, *self._largest_batch())
+        self.o = o = dataclasses.replace(o, run=dataclasses.replace(o.run, gradient_checkpointing=planned.remat))
         models = build_models(o, self.mesh, self.dtype)
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
         for pairs in filter(None, (self.train_pairs, self.eval_pairs)):
@@ -260,37 +255,50 @@ class Trainer:
             start = time.perf_counter()
             self._precompute(params, models.ref_config, pad)
             self.timings["precompute"] = time.perf_counter() - start
-        self.total_steps = self._total_steps()
-        self.schedule = S.make_schedule(o.optim, self.total_steps)
-        self.tx = S.make_optimizer(o.optim, self.total_steps)
         self.state = S.init_state(params, self.tx, donate=True)
         del params, models
-        self.train_step = S.compile_train_step(self.graphdef, self.ref_graphdef, self.cfg, self.tx, self.mesh,
-                                               self.state, self.ref)
+        if _placed_alike((self.state, self.ref), (planned.run.state, planned.run.ref)):
+            self.train_step = planned.fn
+        else:  # the checkpoint differs from its config (an untied head): the step of what was loaded
+            self.train_step = S.compile_train_step(self.graphdef, self.ref_graphdef, self.cfg, self.tx, self.mesh,
+                                                   self.state, self.ref)
         self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg, self.mesh,
                                              self.state.params, self.ref)
         self.on_step = None  # called as on_step(step, batch, start, end) after each step (dpo-jax bench)
 
-    def plan_memory(self, config, length: int, gradient_checkpointing: bool | None = None, quiet: bool = False):
-        """Print the per-device memory plan and refuse a run that will not fit, before loading any weight. With
-        `quiet`: only (whether it fits with room to spare, a fifth of the device; the plan), for choosing remat."""
+    def _largest_batch(self) -> tuple[int, int | None]:
+        """(row length, packed rows) of the largest batch among the run's first steps (up to the packed
+        layout's planning epochs): the most attention (rows x length^2), then the most tokens. A shape training
+        uses, so the memory check's compilation is not an extra one."""
+        b = self.batches
+        steps = min(self.total_steps, PACKED_EPOCHS * b.steps_per_epoch)
+        shapes = {b.rows_and_length(*divmod(i, b.steps_per_epoch)) for i in range(steps)}
+        rows, length = max(shapes, key=lambda shape: (shape[0] * shape[1] ** 2, shape[0] * shape[1]))
+        return length, rows if self.o.run.pack_pairs == "packed" else None
+
+    def plan_memory(self, config, length: int, rows: int | None = None) -> memory.Step:
+        """The train step compiled for the run's largest batch (rows of `length` tokens; packed: `rows` rows) from
+        the configs alone, its per-device memory printed; a run that does not fit in a device's memory is
+        refused before any weight is loaded. gradient_checkpointing None: on only when memory needs it."""
         o = self.o
-        remat = o.run.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-        lora_params = (memory.lora_param_count(config, o.lora.lora_r, lora_targets(o) or lora.default_targets(config))
-                       if o.lora.use_peft else None)
-        live = not (o.run.precompute_ref_log_probs or o.loss.reference_free)
-        plan = memory.plan(config, self.mesh, per_device_batch=o.run.per_device_train_batch_size, max_length=length,
-                           compute_dtype=self.dtype, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
-                           gradient_checkpointing=remat, lora_params=lora_params, live_reference=live,
-                           rows_per_pair=2 if o.run.pack_pairs == "pairs" else 1)
+        ref_config = None
+        if not o.run.precompute_ref_log_probs and not o.lora.use_peft:  # the step gets a live reference
+            ref_path = o.run.ref_model_name_or_path
+            ref_config = config if not ref_path or ref_path == o.run.model_name_or_path else \
+                load_config(ref_path, trust_remote_code=o.run.trust_remote_code)
+            if ref_config is not config:
+                check_reference_vocab(config, o.run.model_name_or_path, ref_path, o.run.trust_remote_code)
         limit, source = memory.device_memory(o.run.memory_limit_gb)
-        if quiet:
-            return limit is None or plan.total <= 0.8 * limit, plan
+        compile_with = functools.partial(memory.compile_step, o, config, ref_config, self.mesh, self.dtype, self.tx,
+                                         length=length, rows=rows)
+        try:
+            planned = memory.fitting_step(compile_with, o.run.gradient_checkpointing, limit)
+        except memory.OutOfMemory as e:  # an accelerator's compiler refuses what its device cannot hold
+            raise memory.refuse_out_of_memory(e, o, self.mesh) from None
         if self.main:
-            print(plan.table(limit, source), flush=True)
-        memory.check(plan, limit, lora=o.lora.use_peft, gradient_checkpointing=o.run.gradient_checkpointing,
-                     live_reference=live, mesh=self.mesh)
-        return plan
+            print(planned.usage.table(limit, source), flush=True)
+        memory.check(planned, limit, o, self.mesh)
+        return planned
 
     def _data(self, batch_devices: int) -> tuple:
         """(train pairs, their batches, test pairs, their batches or None), audited before the model is loaded:
@@ -616,6 +624,15 @@ def _agree_on_stop(metrics: dict, signal_number: int | None, mesh) -> dict:
     signals_N = jax.make_array_from_single_device_arrays(
         (mesh.size,), sharding, [jax.device_put(mine, device) for device in sharding.addressable_devices])
     return _fold_stop(metrics, signals_N)
+
+
+def _placed_alike(tree, abstract) -> bool:
+    """Whether arrays `tree` have the structure, shapes, dtypes and shardings of `abstract` (ShapeDtypeStructs)."""
+    leaves, structure = jax.tree.flatten(tree)
+    planned, planned_structure = jax.tree.flatten(abstract)
+    return structure == planned_structure and all(
+        (x.shape, x.dtype) == (p.shape, p.dtype) and x.sharding.is_equivalent_to(p.sharding, x.ndim)
+        for x, p in zip(leaves, planned))
 
 
 def params_numpy(state) -> list[np.ndarray]:

@@ -1,90 +1,96 @@
-"""The memory planner against XLA's own account of the compiled train step, and the refusal of a run that
-does not fit."""
+"""The trainer's memory check is the compiler's: the train step compiled from the configs alone before any
+weight is loaded, refused with XLA's figures when it does not fit, and that compilation reused by training."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from dpo_jax import memory
+from dpo_jax import memory, options
 from dpo_jax import step as S
 from dpo_jax.cli import main
-from dpo_jax.losses import LossConfig
-from dpo_jax.models import family
-from dpo_jax.models.llama import LlamaConfig
+from dpo_jax.hf import load_config
 from dpo_jax.sharding import make_mesh
+from dpo_jax.trainer import Trainer
 from test_trainer import tiny_model
 
-MARGIN = 0.25  # the plan is within 25% of what XLA allocates (the README states it)
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
-def llama(hidden, layers, vocab):
-    head_dim = hidden // 4
-    inv_freq = tuple(float(x) for x in 1 / 10000 ** (np.arange(0, head_dim, 2) / head_dim))
-    return LlamaConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                       num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=head_dim, rms_norm_eps=1e-6,
-                       inv_freq=inv_freq, hidden_act="silu", qkv_bias=False, o_bias=False, mlp_bias=False,
-                       qk_norm=False, tie_word_embeddings=False, sliding_windows=(None,) * layers)
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("model"))
 
 
-@pytest.mark.parametrize("hidden,layers,vocab,length,batch,accumulation,remat", [
-    (80, 3, 1500, 160, 3, 1, True),
-    (128, 6, 5000, 96, 2, 3, True),
-    (48, 5, 2500, 224, 2, 1, False),
-    (192, 2, 3000, 320, 1, 1, True),
-])
-def test_plan_agrees_with_the_compiled_step(hidden, layers, vocab, length, batch, accumulation, remat):
-    mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
-    config = llama(hidden, layers, vocab)
-    model_cls = family("llama").Model
-    cfg = S.StepConfig(loss=LossConfig(), gradient_accumulation_steps=accumulation, gradient_checkpointing=remat)
-    graphdef, params = S.split_policy(model_cls(config, rngs=nnx.Rngs(0)), remat)
-    ref_graphdef, ref = S.split_reference(model_cls(config, rngs=nnx.Rngs(1)), remat)
-    params, ref = S.shard_params(params, mesh), S.shard_params(ref, mesh)
-    tx = S.make_optimizer(S.OptimConfig(), 10)
-    state = S.init_state(params, tx)
-    n = batch * accumulation
-    shape = (n, 2, length)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=S.batch_sharding(mesh))
-                      for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")}
-    abstract_batch["pair_mask"] = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=S.batch_sharding(mesh))
-    compiled = S.compile_train_step(graphdef, ref_graphdef, cfg, tx, mesh, state, ref).lower(
-        state, ref, abstract_batch).compile()
-    plan = memory.plan(config, mesh, per_device_batch=batch, max_length=length, compute_dtype=jnp.float32,
-                       gradient_accumulation_steps=accumulation, gradient_checkpointing=remat)
-    xla = memory.compiled_bytes(compiled)
-    assert abs(plan.total / xla - 1) <= MARGIN, (plan, plan.total, xla)
-
-
-def test_a_run_that_does_not_fit_stops_before_loading(tmp_path, capsys):
-    model = tiny_model(tmp_path / "model")
+def test_a_run_that_does_not_fit_stops_before_loading(model, tmp_path, capsys):
     assert main(["train", "--model_name_or_path", model, "--output_dir", str(tmp_path / "o"), "--memory_limit_gb",
                  "0.001", "--per_device_train_batch_size", "1", "--max_length", "128"]) == 2
     captured = capsys.readouterr()
-    assert "memory plan, per device:" in captured.out and "device memory" in captured.out
-    assert "needs about" in captured.err and "--use_peft true" in captured.err
+    assert "memory, per device (XLA's compiled step):" in captured.out and "temporaries" in captured.out
+    assert "device memory" in captured.out and "memory_limit_gb" in captured.out
+    assert "needs" in captured.err and "XLA's compiled train step" in captured.err and "--use_peft true" in captured.err
     assert "--precompute_ref_log_probs true" in captured.err and "Traceback" not in captured.err
-    # the data audit comes before the memory plan: a refused run leaves its audit, and nothing else
+    # the data audit comes before the memory check: a refused run leaves its audit, and nothing else
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".dpo-jax.lock", "data_audit.json"]
     assert (tmp_path / "o" / ".dpo-jax.lock").read_text() == ""  # released
 
 
-def test_lora_and_a_precomputed_reference_shrink_the_plan():
+def test_training_reuses_the_planned_compilation(model, tmp_path, capsys):
+    """The step compiled for the memory check is the one training runs: its first step (of the planned, largest
+    shape: one length bucket) compiles nothing."""
+    o = options.parse(["--model_name_or_path", model, "--output_dir", str(tmp_path / "o"), "--max_steps", "2",
+                       "--per_device_train_batch_size", "1", "--max_length", "128", "--num_length_buckets", "1",
+                       "--pack_pairs", "pairs", "--dataset_test_split", "none", "--save_strategy", "no",
+                       "--report_to", "none", "--compilation_cache_dir", "none"])
+    trainer = Trainer(o)
+    assert "memory, per device (XLA's compiled step):" in capsys.readouterr().out
+    compiles, during = [], []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compiles.append(seconds) if event == BACKEND_COMPILE else None)
+    planned = trainer.train_step
+
+    def counted(*args):
+        before = len(compiles)
+        out = planned(*args)
+        during.append(len(compiles) - before)
+        return out
+    trainer.train_step = counted
+    trainer.train()
+    assert during == [0, 0]
+
+
+def _tiny_run(model, *extra):
+    o = options.parse(["--model_name_or_path", model, "--max_length", "64", "--per_device_train_batch_size", "2",
+                       "--pack_pairs", "pairs", *extra])
+    config = load_config(model)
     mesh = make_mesh(fsdp=-1)
-    config = llama(256, 4, 4096)
-    full = memory.plan(config, mesh, per_device_batch=2, max_length=256, compute_dtype=jnp.float32)
-    adapters = memory.lora_param_count(config, 16, ("q_proj", "v_proj"))
-    assert adapters == 4 * 16 * ((256 + 256) + (256 + 128))  # q: 256 -> 256, v: 256 -> 2 kv heads x 64
-    lora = memory.plan(config, mesh, per_device_batch=2, max_length=256, compute_dtype=jnp.float32,
-                       lora_params=adapters, live_reference=False)
-    assert lora.reference == 0 and lora.optimizer < full.optimizer / 50
-    assert memory.plan(config, mesh, per_device_batch=2, max_length=256, compute_dtype=jnp.float32,
-                       live_reference=False).reference == 0
-    # fsdp=8 splits every matrix (on its 256-wide side); the norms' vectors stay whole
-    assert full.parameters == sum(4 * np.prod(s) // (8 if len(s) == 2 else 1) for s in _shapes(config))
+    tx = S.make_optimizer(o.optim, 10)
+    return o, config, mesh, tx
 
 
-def _shapes(config):
-    model = nnx.eval_shape(lambda: family("llama").Model(config, rngs=nnx.Rngs(0)))
-    return [v.get_value().shape for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+def test_remat_only_when_the_step_without_it_does_not_fit(model):
+    """gradient_checkpointing None: the step without remat when it fits in 80% of the device, else with remat
+    when that needs less (its temporaries are smaller here)."""
+    o, config, mesh, tx = _tiny_run(model)
+    seen = []
+
+    def compile_with(remat):
+        seen.append(remat)
+        return memory.compile_step(o, config, config, mesh, jax.numpy.float32, tx, length=64, remat=remat)
+    off = memory.fitting_step(compile_with, None, limit=None)
+    assert off.remat is False and seen == [False]
+    on = memory.fitting_step(compile_with, None, limit=int(off.usage.total / 0.8) - 1)
+    assert on.remat is True and seen == [False, False, True] and on.usage.total < off.usage.total
+    assert memory.fitting_step(compile_with, None, limit=int(off.usage.total / 0.8) + 1).remat is False
+
+
+def test_the_arguments_are_the_state_reference_and_batch(model):
+    """XLA's argument bytes per device are exactly the parameters, both AdamW moments and the counters, the
+    reference and the batch as they are split over the 8 devices (numpy's count of each shard)."""
+    o, config, mesh, tx = _tiny_run(model)
+    step = memory.compile_step(o, config, config, mesh, jax.numpy.float32, tx, length=64, remat=True)
+    usage, run = step.usage, step.run
+    leaves = jax.tree.leaves((run.state, run.ref, run.batch))
+    assert usage.argument == sum(np.dtype(x.dtype).itemsize * int(np.prod(x.sharding.shard_shape(x.shape)))
+                                 for x in leaves)
+    assert usage.argument == sum(usage.parts.values())
+    assert usage.alias == memory.per_device_bytes(run.state)  # the donated state is updated in place

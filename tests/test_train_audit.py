@@ -21,7 +21,7 @@ from dpo_jax.trainer import Trainer
 from test_trainer import tiny_model
 
 ROWS = [json.loads(line) for line in open(SAMPLE_DIR / "train.jsonl")][:12]
-MEMORY_PLAN = "memory plan, per device"  # what train prints after the audit, before loading any weight
+MEMORY_PLAN = "memory, per device (XLA's compiled step)"  # what train prints after the audit, before loading weights
 
 
 @pytest.fixture(scope="module")

@@ -78,19 +78,20 @@ def test_train_command_errors_exit_2_without_traceback(tmp_path, capsys):
 
 KILLED_AT_STEP_4 = """
 import os, signal, sys
-from dpo_jax import step
-compile_train_step = step.compile_train_step
+from dpo_jax import trainer
+build = trainer.Trainer._build
 
-def killed_in_step_4(*args, **kwargs):
-    train_step, calls = compile_train_step(*args, **kwargs), []
+def killed_in_step_4(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    train_step, calls = self.train_step, []
     def run(*a):
         calls.append(1)
         if len(calls) == 4:
             os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: a machine that dies
         return train_step(*a)
-    return run
+    self.train_step = run
 
-step.compile_train_step = killed_in_step_4
+trainer.Trainer._build = killed_in_step_4
 from dpo_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """

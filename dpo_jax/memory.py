@@ -8,9 +8,8 @@ r rows (sequences) of T tokens (the longest bucket):
   probabilities, their gradient) and r x T x (10 hidden + 3 intermediate) values in the compute dtype
   (projections, norms, residuals, the MLP's gate, up and product);
 - with `gradient_checkpointing`: each layer keeps only its input (r x T x hidden); one layer's buffers above
-  are live at a time, with one attention-score buffer; and the blocks' weights are stacked for the scan that
-  runs them (models/layers.py: a copy of the parameters; a live reference's stack is freed before the
-  policy's backward pass);
+  are live at a time, with one attention-score buffer (the blocks' weights are held stacked: the scan reads
+  them in place, no copy);
 - the output head: 2 buffers r x C x vocab in float32 (a chunk's logits and their gradient), C the chunk;
 - the gradient (float32, like the trainable parameters; twice with gradient accumulation: the running sum)
   and one more copy for the optimizer's update.
@@ -33,6 +32,7 @@ from flax import nnx
 from .errors import UserError
 from .logps import head_chunks
 from .models import family
+from .models.layers import LAYERS, Linear
 from .sharding import logical_to_spec
 
 GB = 1024 ** 3
@@ -76,12 +76,11 @@ def dims(config) -> dict:
 
 
 def sharded_bytes(config, mesh, param_bytes: int = 4) -> tuple[int, int, int]:
-    """(bytes per device of all parameters, of the largest layer unsharded, parameter count), from the model's
+    """(bytes per device of all parameters, parameters of the largest layer, parameter count), from the model's
     abstract shapes and logical axes placed on `mesh` (nothing is allocated)."""
     model = nnx.eval_shape(lambda: family(config.model_type).Model(config, rngs=nnx.Rngs(0)))
-    total = count = 0
-    per_layer: dict[str, int] = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    total = count = layer = 0
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         shape = tuple(variable.get_value().shape)
         axes = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
         spec = logical_to_spec(tuple(axes), shape, mesh)
@@ -89,10 +88,9 @@ def sharded_bytes(config, mesh, param_bytes: int = 4) -> tuple[int, int, int]:
         n = math.prod(shape)
         total += n * param_bytes // split
         count += n
-        if "layers" in path:
-            layer = str(path[path.index("layers") + 1])
-            per_layer[layer] = per_layer.get(layer, 0) + n
-    return total, max(per_layer.values(), default=0), count
+        if axes and axes[0] == LAYERS:  # the stacked blocks: one structure, so every layer is the largest
+            layer += n // shape[0]
+    return total, layer, count
 
 
 def plan(config, mesh, *, per_device_batch: int, max_length: int, compute_dtype, gradient_accumulation_steps: int = 1,
@@ -112,9 +110,8 @@ def plan(config, mesh, *, per_device_batch: int, max_length: int, compute_dtype,
     heads, inter, vocab = d["heads"] // tensor or 1, d["intermediate"] // tensor, d["vocab"] // tensor
     scores = r * heads * t * t * 4
     layer = 3 * scores + r * t * (10 * d["hidden"] + 3 * inter) * c
-    if gradient_checkpointing:  # block inputs, one block's activations, and the blocks' weights stacked for the scan
-        # (the reference's stack, when it has one, is gone before the policy's backward pass)
-        layers = d["layers"] * r * t * d["hidden"] * c + (layer - 2 * scores) + params
+    if gradient_checkpointing:  # block inputs and one block's activations
+        layers = d["layers"] * r * t * d["hidden"] * c + (layer - 2 * scores)
     else:
         layers = d["layers"] * layer
     chunk, _ = head_chunks(t, r * devices // tensor, d["vocab"])  # the step sizes chunks from its global shapes
@@ -177,13 +174,11 @@ def compiled_bytes(compiled) -> int:
 def lora_param_count(config, rank: int, targets) -> int:
     """Adapters' parameter count: rank x (in + out) per targeted linear layer."""
     model = nnx.eval_shape(lambda: family(config.model_type).Model(config, rngs=nnx.Rngs(0)))
-    from .models.layers import Linear
-
     total = 0
     for path, module in nnx.iter_graph(model):
         name = str(path[-1]) if path else ""
         if isinstance(module, Linear) and name != "lm_head" and (targets == "all-linear" or name in targets):
-            d_in, d_out = module.kernel.get_value().shape
-            total += rank * (d_in + d_out)
+            *layers, d_in, d_out = module.kernel.get_value().shape  # layers: (L,) for the stacked blocks
+            total += math.prod(layers) * rank * (d_in + d_out)
     return total
 

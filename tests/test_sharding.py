@@ -17,13 +17,15 @@ def test_mesh_load_places_each_tensor_and_matches_one_device(tmp_path):
     sharded = dpo_jax.from_pretrained(str(tmp_path), mesh=mesh)
     single = dpo_jax.from_pretrained(str(tmp_path))
 
-    q = sharded.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == P("fsdp", "tensor")
-    assert q.addressable_shards[0].data.shape == (32, 16)
+    # the blocks are stacked: every weight has a leading layer axis, not split, each device holding all 3 layers
+    q = sharded.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (3, 32, 16)
     assert sharded.embed_tokens.embedding[...].sharding.spec == P("tensor", "fsdp")
-    assert sharded.layers[0].mlp.down_proj.kernel[...].sharding.spec == P("tensor", "fsdp")
+    assert sharded.layers.mlp.down_proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
+    assert sharded.layers.input_layernorm.weight[...].sharding.spec == P(None, None)
     assert sharded.norm.weight[...].sharding.spec == P(None)
-    np.testing.assert_array_equal(np.asarray(q), np.asarray(single.layers[0].self_attn.q_proj.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(single.layers.self_attn.q_proj.kernel[...]))
 
     ids, mask = batch()
     got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(sharded, jnp.asarray(ids), jnp.asarray(mask)))

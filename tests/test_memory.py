@@ -81,10 +81,12 @@ def test_lora_and_a_precomputed_reference_shrink_the_plan():
     assert lora.reference == 0 and lora.optimizer < full.optimizer / 50
     assert memory.plan(config, mesh, per_device_batch=2, max_length=256, compute_dtype=jnp.float32,
                        live_reference=False).reference == 0
-    # fsdp=8 splits every matrix (on its 256-wide side); the norms' vectors stay whole
-    assert full.parameters == sum(4 * np.prod(s) // (8 if len(s) == 2 else 1) for s in _shapes(config))
+    # fsdp=8 splits every matrix (on its 256-wide side); the norms' vectors stay whole (a stacked one: [L, D])
+    assert full.parameters == sum(4 * np.prod(s) // (8 if matrix else 1) for s, matrix in _shapes(config))
 
 
 def _shapes(config):
+    """(shape, whether a matrix: two dimensions besides a stacked layer axis) of every parameter."""
     model = nnx.eval_shape(lambda: family("llama").Model(config, rngs=nnx.Rngs(0)))
-    return [v.get_value().shape for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    return [(v.get_value().shape, v.get_value().ndim - (v.get_metadata()["out_sharding"][0] == "layers") == 2)
+            for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]

@@ -396,6 +396,15 @@ LAYERS = "layers"  # the logical axis of stacked blocks' weights (not split over
 NO_WINDOW = int(np.iinfo(np.int32).max)  # a full-attention layer among sliding ones: every key is near enough
 
 
+# What the backward pass of the scan keeps without remat: every matmul's output, while elementwise results
+# (norms, activations, softmax, casts) are recomputed from them. A scan materialises every residual it saves
+# as a stacked array; unrolled blocks let XLA fuse those cheap producers into the backward instead. Saving
+# everything in the scan took 11 % more temporaries than the unrolled blocks and ran ~30 % slower on XLA:CPU;
+# this policy takes 37 % fewer temporaries than the unrolled blocks at their speed (notes: Llama 256 x 8 layers,
+# 4 pairs x 2 x 256 tokens, float32).
+SAVE_WITHOUT_REMAT = jax.checkpoint_policies.dots_saveable
+
+
 def stacked(make_block, count: int, rngs: nnx.Rngs) -> nnx.Module:
     """`count` blocks `make_block(rngs)` held as one module whose every weight has a leading layer axis (logical
     name LAYERS), each layer initialised with its own keys. Run it with `run_blocks`."""
@@ -426,7 +435,7 @@ def run_blocks(blocks: nnx.Module, x_BxTxD: jax.Array, *args, per_layer: dict[st
     value the same in every layer is passed as it is, the others become scanned arrays).
 
     With `remat` each step is under `jax.checkpoint`: the backward pass keeps only each block's input and
-    recomputes the rest. The scan is what makes XLA keep that promise: blocks checkpointed one after the other
+    recomputes the rest; without, it keeps the matmuls' outputs (SAVE_WITHOUT_REMAT). The scan is what makes XLA keep that promise: blocks checkpointed one after the other
     in straight-line code are often scheduled so that every recomputation lands early and the memory is not
     saved (XLA:CPU)."""
     graphdef, state = nnx.split(blocks)
@@ -445,7 +454,7 @@ def run_blocks(blocks: nnx.Module, x_BxTxD: jax.Array, *args, per_layer: dict[st
 
     xs = (state, scanned, jnp.arange(count))
     if cache is None:
-        step = jax.checkpoint(step) if remat else step
+        step = jax.checkpoint(step, policy=None if remat else SAVE_WITHOUT_REMAT)
         return jax.lax.scan(lambda x, s: (step(s[0], x, s[1], None), None), x_BxTxD, xs)[0]
     if remat:
         raise ValueError("run_blocks: no rematerialisation with a KV cache (there is no backward pass)")

@@ -527,8 +527,8 @@ def test_lora_dropout_in_training_only(checkpoint):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_gradient_checkpointing_equals_plain_backward(arch, tmp_path):
-    """Blocks scanned under jax.checkpoint (runs of equal blocks; gemma2 alternates sliding and global layers,
-    so its blocks are checkpointed one by one) give the plain backward pass's loss, metrics and gradients."""
+    """The stacked blocks' scan with its body under jax.checkpoint (gemma2 alternates sliding and global layers:
+    the window is scanned data) gives the plain backward pass's loss, metrics and gradients."""
     tiny_models.make_model(arch).save_pretrained(tmp_path)
     batch = jax.tree.map(jnp.asarray, make_batch(t=16))
     results = []

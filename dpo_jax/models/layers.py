@@ -435,9 +435,9 @@ def run_blocks(blocks: nnx.Module, x_BxTxD: jax.Array, *args, per_layer: dict[st
     value the same in every layer is passed as it is, the others become scanned arrays).
 
     With `remat` each step is under `jax.checkpoint`: the backward pass keeps only each block's input and
-    recomputes the rest; without, it keeps the matmuls' outputs (SAVE_WITHOUT_REMAT). The scan is what makes XLA keep that promise: blocks checkpointed one after the other
+    recomputes the rest. The scan is what makes XLA keep that promise: blocks checkpointed one after the other
     in straight-line code are often scheduled so that every recomputation lands early and the memory is not
-    saved (XLA:CPU)."""
+    saved (XLA:CPU). Without `remat` the backward pass keeps the matmuls' outputs (SAVE_WITHOUT_REMAT)."""
     graphdef, state = nnx.split(blocks)
     count = jax.tree.leaves(state)[0].shape[0]
     fixed, scanned = {}, {}

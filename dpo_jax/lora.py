@@ -3,11 +3,11 @@
 `apply_lora` gives each targeted `Linear` a pair A [in, r] (PEFT's initialisation: uniform in
 +-1/sqrt(in)) and B [r, out] (zeros), and its output gains (alpha / r) * x A B; with B = 0 the model is the
 base model exactly. A linear of the stacked blocks (kernel [L, in, out]) gets stacked adapters [L, in, r] and
-[L, r, out], and a dropout key per layer. The adapters are `nnx.LoRAParam`s, so `split_lora` separates them from the base weights:
-the optimizer sees only the adapters, and the reference is the same base weights with the adapters zeroed,
-so no second copy of the model is kept. With `dropout` > 0, the adapters' input is dropped out in training
-(PEFT's lora_dropout) with a key per layer and micro-batch that the step derives (`dropout_keys`); the
-reference and evaluation use no dropout.
+[L, r, out], and a dropout key per layer. The adapters are `nnx.LoRAParam`s, so `split_lora` separates them
+from the base weights: the optimizer sees only the adapters, and the reference is the same base weights with
+the adapters zeroed, so no second copy of the model is kept. With `dropout` > 0, the adapters' input is
+dropped out in training (PEFT's lora_dropout) with a key per layer and micro-batch that the step derives
+(`dropout_keys`); the reference and evaluation use no dropout.
 """
 
 from __future__ import annotations

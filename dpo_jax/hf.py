@@ -262,7 +262,7 @@ def _stacked_sharding(abstract: jax.ShapeDtypeStruct, axes, mesh):
     return None if mesh is None else sharding.param_sharding(axes, abstract.shape, mesh)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def _slice_setter(target):
     """A jitted `stacked.at[layer].set(part)` that writes in place (the stack is donated) and keeps the stack's
     sharding `target` (None: one device); one compiled program per shape, whatever the layer."""

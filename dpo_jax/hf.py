@@ -9,6 +9,7 @@ and every parameter must be used exactly once; anything else is an error that na
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from .assets import smollm2_path
 from .errors import CheckpointError, lfs_pointer_hint
 from .lora import merged_kernels
 from .models import config_from_hf, family
+from .models.layers import LAYERS
 from .namemap import NameMap
 
 logger = logging.getLogger(__name__)
@@ -256,37 +258,62 @@ def _place(array: np.ndarray, abstract: jax.ShapeDtypeStruct, axes, mesh) -> jax
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
 
+def _stacked_sharding(abstract: jax.ShapeDtypeStruct, axes, mesh):
+    return None if mesh is None else sharding.param_sharding(axes, abstract.shape, mesh)
+
+
+@functools.lru_cache(maxsize=32)
+def _slice_setter(target):
+    """A jitted `stacked.at[layer].set(part)` that writes in place (the stack is donated) and keeps the stack's
+    sharding `target` (None: one device); one compiled program per shape, whatever the layer."""
+    def set_layer(stacked, part, layer):
+        return jax.lax.dynamic_update_index_in_dim(stacked, part, layer, 0)
+    if target is None:
+        return jax.jit(set_layer, donate_argnums=0)
+    return jax.jit(set_layer, donate_argnums=0, out_shardings=target)
+
+
 def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source: str, dtype, param_dtype,
                  mesh=None) -> nnx.Module:
-    """Build `model_cls(cfg)` from checkpoint tensors without ever initialising it randomly."""
+    """Build `model_cls(cfg)` from checkpoint tensors without ever initialising it randomly.
+
+    A stacked parameter (blocks' weights, leading layer axis) is filled tensor by tensor too: its zeros are
+    made in its sharding, then each layer's tensor is placed in the layer's sharding (as any other tensor) and
+    written into its slice in place, so the host holds one tensor at a time and the devices the stack plus one
+    layer's slice."""
     abstract = nnx.eval_shape(lambda: model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     params = {_path_str(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
+    layers = {path: v.get_value().shape[0] for path, (_, v) in params.items() if _is_stacked(v)}
+    slots = {(path, i) for path, n in layers.items() for i in range(n)}
+    slots |= {(path, None) for path in params if path not in layers}
 
     # Plan everything from names and shapes first, so a bad checkpoint fails before any weight is read.
-    plan: dict[str, tuple[str, bool]] = {}
-    claimed: dict[str, str] = {}  # our path -> their name
+    plan: dict[str, tuple[str, bool, int | None]] = {}
+    claimed: dict[tuple[str, int | None], str] = {}  # (our path, layer) -> their name
     unused, misshaped, duplicated = [], [], []
     for name, (shape, _) in tensors.items():
         if name_map.ignored(name):
             continue
         target = name_map.to_ours(name)
-        if target is None or target[0] not in params:
+        if target is None or (target.path, target.layer) not in slots:
             # A tied model's checkpoint may still carry a copy of the embedding as the output head.
-            if not (target and target[0].startswith("lm_head.") and getattr(cfg, "tie_word_embeddings", False)):
+            if not (target and target.path.startswith("lm_head.") and getattr(cfg, "tie_word_embeddings", False)):
                 unused.append(name)
             continue
-        path, transpose = target
-        expected = tuple(params[path][1].get_value().shape)
+        path, transpose, layer = target
+        expected = tuple(params[path][1].get_value().shape)[(0 if layer is None else 1):]
         got = tuple(reversed(shape)) if transpose else tuple(shape)
         if got != expected:
-            misshaped.append(f"{name} {tuple(shape)} (as {path}: expected {expected})")
-        elif path in claimed:
-            duplicated.append(f"{claimed[path]} and {name} (both {path})")
+            misshaped.append(f"{name} {tuple(shape)} (as {path}{'' if layer is None else f' layer {layer}'}: "
+                             f"expected {expected})")
+        elif (path, layer) in claimed:
+            duplicated.append(f"{claimed[path, layer]} and {name} (both {path})")
         else:
-            plan[name] = (path, transpose)
-            claimed[path] = name
-    missing = [name_map.to_theirs(path)[0] for path in sorted(set(params) - set(claimed))]
+            plan[name] = target
+            claimed[path, layer] = name
+    missing = [name_map.to_theirs(path, layer)[0]
+               for path, layer in sorted(slots - set(claimed), key=lambda slot: (slot[0], slot[1] or 0))]
     problems = [(what, items) for what, items in (("missing", missing), ("unused", unused),
                                                   ("mis-shaped", misshaped), ("duplicated", duplicated)) if items]
     if problems:
@@ -296,16 +323,31 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
             lines.append(f"{what} tensors: {shown}.")
         raise CheckpointError(" ".join(lines))
 
-    filled = []
-    for name, (path, transpose) in plan.items():
+    filled: dict[str, jax.Array] = {}
+    for name, (path, transpose, layer) in plan.items():
         array = tensors[name][1]()
         if transpose:
             array = array.T
-        key, variable = params[path]
+        _, variable = params[path]
         axes = variable.get_metadata().get("out_sharding")
-        filled.append((key, variable.replace(_place(array, variable.get_value(), axes, mesh))))
+        abstract_value = variable.get_value()
+        if layer is None:
+            filled[path] = _place(array, abstract_value, axes, mesh)
+        else:
+            target = _stacked_sharding(abstract_value, axes, mesh)
+            if path not in filled:
+                filled[path] = jnp.zeros(abstract_value.shape, abstract_value.dtype, device=target)
+            part = _place(array, jax.ShapeDtypeStruct(abstract_value.shape[1:], abstract_value.dtype), axes[1:], mesh)
+            filled[path] = _slice_setter(target)(filled[path], part, layer)
         del array
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    state = [(key, variable.replace(filled[path])) for path, (key, variable) in params.items()]
+    return nnx.merge(graphdef, nnx.from_flat_state(state))
+
+
+def _is_stacked(variable) -> bool:
+    """A stacked blocks' weight: its first logical axis is the layer axis."""
+    axes = variable.get_metadata().get("out_sharding") or ()
+    return bool(axes) and axes[0] == LAYERS
 
 
 def _untie_if_head_differs(hf_config, tensors: Tensors, name_map: NameMap, embedding_path: str) -> None:
@@ -406,15 +448,19 @@ def _check_tokenizer_files(directory: str) -> None:
             _json_object(os.path.join(directory, name))
 
 
-def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, bool]]:
+def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, int | None, bool]]:
+    """(their name, our array, the layer of a stacked one or None, transpose) of every tensor to write: a stacked
+    parameter gives one tensor per layer again."""
     module = family(model.config.model_type)
     name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)
     merged = merged_kernels(model)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(variable, nnx.LoRAParam):
             continue  # folded into its kernel below
-        name, transpose = name_map.to_theirs(_path_str(path))
-        yield name, merged.get(path, variable.get_value()), transpose
+        array = merged.get(path, variable.get_value())
+        for layer in range(array.shape[0]) if _is_stacked(variable) else (None,):
+            name, transpose = name_map.to_theirs(_path_str(path), layer)
+            yield name, array, layer, transpose
 
 
 def export_pretrained(model: nnx.Module, out_dir: str, tokenizer: Any = None, *,
@@ -439,10 +485,11 @@ def export_pretrained(model: nnx.Module, out_dir: str, tokenizer: Any = None, *,
         raise CheckpointError("this model has no transformers config to export; load it with from_pretrained")
     source_path = _resolve(source) if source else None
     out_dir = check_export_target(out_dir, source_path, protected)
-    arrays = {name: (array, transpose) for name, array, transpose in _export_tensors(model)}
+    arrays = {name: (array, layer, transpose) for name, array, layer, transpose in _export_tensors(model)}
+    shapes = {name: jax.ShapeDtypeStruct(array.shape[(0 if layer is None else 1):], array.dtype)
+              for name, (array, layer, _) in arrays.items()}
     split = split_state_dict_into_shards_factory(
-        {name: array for name, (array, _) in arrays.items()},
-        get_storage_size=lambda a: a.size * a.dtype.itemsize,
+        shapes, get_storage_size=lambda a: a.size * a.dtype.itemsize,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
 
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
@@ -451,18 +498,18 @@ def export_pretrained(model: nnx.Module, out_dir: str, tokenizer: Any = None, *,
         for filename, names in split.filename_to_tensors.items():
             shard = {}
             for name in names:
-                array, transpose = arrays[name]
-                host = np.asarray(jax.device_get(array))
+                array, layer, transpose = arrays[name]
+                host = np.asarray(jax.device_get(array if layer is None else array[layer]))
                 shard[name] = np.ascontiguousarray(host.T if transpose else host)
             save_file(shard, os.path.join(staging, filename), metadata={"format": "pt"})
             del shard
         if split.is_sharded:
-            index = {"metadata": {"total_size": sum(a.size * a.dtype.itemsize for a, _ in arrays.values())},
+            index = {"metadata": {"total_size": sum(a.size * a.dtype.itemsize for a in shapes.values())},
                      "weight_map": split.tensor_to_filename}
             with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
         config = json.loads(model.config.hf_config_json)
-        config["dtype"] = str(np.dtype(next(iter(arrays.values()))[0].dtype))
+        config["dtype"] = str(np.dtype(next(iter(shapes.values())).dtype))
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         if source_path and os.path.isfile(generation := os.path.join(source_path, "generation_config.json")):

@@ -2,11 +2,12 @@
 
 `apply_lora` gives each targeted `Linear` a pair A [in, r] (PEFT's initialisation: uniform in
 +-1/sqrt(in)) and B [r, out] (zeros), and its output gains (alpha / r) * x A B; with B = 0 the model is the
-base model exactly. The adapters are `nnx.LoRAParam`s, so `split_lora` separates them from the base weights:
-the optimizer sees only the adapters, and the reference is the same base weights with the adapters zeroed,
-so no second copy of the model is kept. With `dropout` > 0, the adapters' input is dropped out in training
-(PEFT's lora_dropout) with a key per layer and micro-batch that the step derives (`dropout_keys`); the
-reference and evaluation use no dropout.
+base model exactly. A linear of the stacked blocks (kernel [L, in, out]) gets stacked adapters [L, in, r] and
+[L, r, out], and a dropout key per layer. The adapters are `nnx.LoRAParam`s, so `split_lora` separates them
+from the base weights: the optimizer sees only the adapters, and the reference is the same base weights with
+the adapters zeroed, so no second copy of the model is kept. With `dropout` > 0, the adapters' input is
+dropped out in training (PEFT's lora_dropout) with a key per layer and micro-batch that the step derives
+(`dropout_keys`); the reference and evaluation use no dropout.
 """
 
 from __future__ import annotations
@@ -54,21 +55,24 @@ def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.
         name = str(path[-1])
         if name == "lm_head" or (targets != ALL_LINEAR and name not in targets):
             continue
-        d_in, d_out = linear.kernel.shape
-        axes = linear.kernel.get_metadata().get("out_sharding") or (None, None)
+        *layers, d_in, d_out = linear.kernel.shape  # layers: (L,) for a stacked linear, else ()
+        axes = linear.kernel.get_metadata().get("out_sharding") or (None,) * linear.kernel.ndim
+        *layer_axes, in_axis, out_axis = axes
         bound = 1.0 / jnp.sqrt(d_in)
-        a = jax.random.uniform(jax.random.fold_in(key, count), (d_in, rank), linear.kernel[...].dtype, -bound, bound)
-        b = jnp.zeros((rank, d_out), linear.kernel[...].dtype)
+        dtype = linear.kernel[...].dtype
+        a = jax.random.uniform(jax.random.fold_in(key, count), (*layers, d_in, rank), dtype, -bound, bound)
+        b = jnp.zeros((*layers, rank, d_out), dtype)
+        a_axes, b_axes = (*layer_axes, in_axis, None), (*layer_axes, None, out_axis)
         placed = getattr(linear.kernel[...], "sharding", None)
         if isinstance(placed, jax.sharding.NamedSharding):  # the model is on a mesh: the adapters go there too
-            a = jax.device_put(a, sharding.param_sharding((axes[0], None), a.shape, placed.mesh))
-            b = jax.device_put(b, sharding.param_sharding((None, axes[1]), b.shape, placed.mesh))
-        linear.lora_a = nnx.LoRAParam(a, out_sharding=(axes[0], None), eager_sharding=False)
-        linear.lora_b = nnx.LoRAParam(b, out_sharding=(None, axes[1]), eager_sharding=False)
+            a = jax.device_put(a, sharding.param_sharding(a_axes, a.shape, placed.mesh))
+            b = jax.device_put(b, sharding.param_sharding(b_axes, b.shape, placed.mesh))
+        linear.lora_a = nnx.LoRAParam(a, out_sharding=a_axes, eager_sharding=False)
+        linear.lora_b = nnx.LoRAParam(b, out_sharding=b_axes, eager_sharding=False)
         linear.lora_scale = alpha / rank
         if dropout:
             linear.lora_dropout = dropout
-            key_data = jnp.zeros((2,), jnp.uint32)
+            key_data = jnp.zeros((*layers, 2), jnp.uint32)
             if isinstance(placed, jax.sharding.NamedSharding):  # replicated over the model's mesh
                 key_data = jax.device_put(key_data, jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec()))
             linear.lora_key = LoRAKey(key_data)
@@ -87,15 +91,21 @@ def split_lora(model, gradient_checkpointing: bool = True):
 
 
 def dropout_keys(keys: nnx.State, salt: jax.Array, seed: int) -> nnx.State:
-    """A fresh, non-zero dropout key per adapter for this `salt` (one per micro-batch of each step)."""
+    """A fresh, non-zero dropout key per adapter (per layer of a stacked one) for this `salt` (one per
+    micro-batch of each step)."""
     leaves, tree = jax.tree.flatten(keys)
     base = jax.random.fold_in(jax.random.key(seed), salt)
-    fresh = [jax.random.key_data(jax.random.fold_in(base, i)) | jnp.uint32(1) for i in range(len(leaves))]
-    return jax.tree.unflatten(tree, fresh)
+
+    def fresh(i, leaf):  # leaf: [2], or [L, 2] for stacked adapters
+        key = jax.random.fold_in(base, i)
+        key = key if leaf.ndim == 1 else jax.random.split(key, leaf.shape[0])
+        return jax.random.key_data(key) | jnp.uint32(1)
+    return jax.tree.unflatten(tree, [fresh(i, leaf) for i, leaf in enumerate(leaves)])
 
 
 def merged_kernels(model) -> dict:
-    """Kernels with their adapters folded in (W + scale * A B, in float32, cast back), by parameter path."""
+    """Kernels with their adapters folded in (W + scale * A B, in float32, cast back; layer by layer for stacked
+    ones), by parameter path."""
     out = {}
     for path, module in nnx.iter_graph(model):
         if isinstance(module, Linear) and module.lora_a is not None:

@@ -2,12 +2,21 @@
 
 A rule is (their name template, our path template, transpose). `{i}` in a template stands for a layer
 index, any other `{x}` for a short lowercase word, and the same placeholders fill the other side. One
-table serves both directions: import (their name -> our path) and export (our path -> their name).
+table serves both directions: import (their name -> our path) and export (our path -> their name). A `{i}` on
+their side only names a slice of a stacked parameter (our blocks hold each weight with a leading layer axis):
+their `model.layers.3.mlp.up_proj.weight` is slice 3 of our `layers.mlp.up_proj.kernel`.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
+
+
+class Target(NamedTuple):
+    path: str
+    transpose: bool
+    layer: int | None = None  # the slice of a stacked parameter; None: the whole parameter
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -32,8 +41,8 @@ class NameMap:
     def ignored(self, name: str) -> bool:
         return any(p.fullmatch(name) for p in self._ignored)
 
-    def to_ours(self, name: str) -> tuple[str, bool] | None:
-        """Our path and whether to transpose, for one of their names; None if no rule matches.
+    def to_ours(self, name: str) -> Target | None:
+        """Our path, whether to transpose and the layer slice, for one of their names; None if no rule matches.
 
         Names saved from a base model (no `model.` / `transformer.` prefix) are accepted too.
         """
@@ -41,12 +50,15 @@ class NameMap:
             for pattern, ours, transpose in self._forward:
                 m = pattern.fullmatch(candidate)
                 if m:
-                    return ours.format(**m.groupdict()), transpose
+                    fields = m.groupdict()
+                    layer = int(fields["i"]) if "i" in fields and "{i}" not in ours else None
+                    return Target(ours.format(**fields), transpose, layer)
         return None
 
-    def to_theirs(self, path: str) -> tuple[str, bool]:
+    def to_theirs(self, path: str, layer: int | None = None) -> tuple[str, bool]:
+        """Their name and whether to transpose, for our path (and the layer, for a slice of a stacked one)."""
         for pattern, theirs, transpose in self._backward:
             m = pattern.fullmatch(path)
             if m:
-                return theirs.format(**m.groupdict()), transpose
+                return theirs.format(**m.groupdict(), **({} if layer is None else {"i": layer})), transpose
         raise KeyError(f"no checkpoint name for parameter {path!r}")

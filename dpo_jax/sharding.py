@@ -24,6 +24,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "kv_heads": "tensor",
     "qkv": None,     # GPT-2's fused q/k/v output: splitting it over tensor would cut across q, k and v
     "norm": None,
+    "layers": None,  # stacked blocks' layer axis: every device holds every layer's part of a weight
 }
 
 

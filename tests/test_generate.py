@@ -1,14 +1,15 @@
 """The KV-cache sampler against transformers' `generate` on the same weights, for every architecture."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import dpo_jax
 from dpo_jax.errors import UserError
 from dpo_jax.generate import PROMPT_MULTIPLE, generate, generate_text
 from dpo_jax.models import SUPPORTED_MODEL_TYPES
+from dpo_jax.models.layers import KVCache
 from tiny_models import CONFIGS, make_model
 
 NEW = 12
@@ -121,12 +122,23 @@ def test_past_gpt2_positions_is_a_clear_error(tmp_path):
         generate(model, _prompts((20,)), 14)
 
 
-def test_blocks_keep_one_structure_for_the_remat_scan(llama):
-    """The cache keeps its layer count itself: a per-layer attribute would make the blocks' graphs differ and
-    gradient checkpointing fall back to unrolled blocks (models.layers.run_blocks)."""
+def test_the_cache_is_stacked_with_the_blocks(llama):
+    """The blocks are one module whose weights have a leading layer axis (models.layers.stacked), and the cache
+    is [L, B, S, K, E] arrays, made by the prompt's forward and then written in place, layer by layer, by the
+    scan over the blocks: the new token's slot in every layer, nothing else."""
     model, _ = llama
-    graphdefs = [nnx.split(block)[0] for block in model.layers]
-    assert all(g == graphdefs[0] for g in graphdefs)
+    assert model.layers.self_attn.k_proj.kernel.shape == (3, 64, 32)  # 3 layers, 2 kv heads x 16
+    prompt = jnp.asarray(_prompts((5, 5)))
+    cache = KVCache.empty(2, 8)
+    model.hidden_states(prompt, None, None, cache)
+    assert cache.keys.shape == cache.values.shape == (3, 2, 8, 2, 16)
+    assert not np.asarray(cache.keys[:, :, 5:]).any()
+    before = np.asarray(cache.keys)
+    model.hidden_states(prompt[:, :1], None, jnp.full((2, 1), 5), cache)
+    after = np.asarray(cache.keys)
+    np.testing.assert_array_equal(after[:, :, :5], before[:, :, :5])
+    assert after[:, :, 5].any(axis=(1, 2, 3)).all() and not after[:, :, 6:].any()
+    assert int(cache.index) == 6
 
 
 def test_end_of_sequence_ids_include_the_generation_config(tmp_path):

@@ -96,7 +96,7 @@ def test_bfloat16_params_and_compute(tmp_path):
     ref_model = make_model("llama")
     ref_model.save_pretrained(tmp_path)
     model = dpo_jax.from_pretrained(str(tmp_path), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     ids, mask = batch()
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
     # bfloat16 keeps 8 significant bits: a few percent of the largest logit is its rounding.

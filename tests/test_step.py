@@ -195,13 +195,14 @@ def test_meshes_of_eight_equal_one_device(checkpoint, other_checkpoint, axes):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(params)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-    # the parameters really are laid out as the rules say: q_proj kernel is [embed -> fsdp, q_heads -> tensor]
-    kernel = state.params["layers"][0]["self_attn"]["q_proj"]["kernel"]
-    expected = tuple(a if axes.get(a, 1) > 1 else None for a in ("fsdp", "tensor"))
+    # the parameters really are laid out as the rules say: the stacked q_proj kernel is [layers -> not split,
+    # embed -> fsdp, q_heads -> tensor]
+    kernel = state.params["layers"]["self_attn"]["q_proj"]["kernel"]
+    expected = (None,) + tuple(a if axes.get(a, 1) > 1 else None for a in ("fsdp", "tensor"))
     spec = tuple(kernel.sharding.spec)
-    assert spec + (None,) * (2 - len(spec)) == expected
+    assert spec + (None,) * (3 - len(spec)) == expected
     if axes.get("fsdp", 1) > 1:
-        assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // axes["fsdp"]
+        assert kernel.addressable_shards[0].data.shape[:2] == (kernel.shape[0], kernel.shape[1] // axes["fsdp"])
 
 
 def test_gradient_accumulation_equals_one_big_batch(checkpoint, other_checkpoint):
@@ -222,8 +223,8 @@ def test_gradient_accumulation_equals_one_big_batch(checkpoint, other_checkpoint
 def test_nonfinite_step_is_not_applied(checkpoint):
     fn, state, ref = setup(checkpoint[0])
     params = jax.tree.map(lambda x: x, state.params)
-    kernel = params["layers"][0]["mlp"]["up_proj"]["kernel"]
-    params["layers"][0]["mlp"]["up_proj"]["kernel"] = kernel.at[0, 0].set(jnp.nan)
+    kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
+    params["layers"]["mlp"]["up_proj"]["kernel"] = kernel.at[0, 0, 0].set(jnp.nan)
     state = S.init_state(params, S.make_optimizer(S.OptimConfig(learning_rate=1e-3, lr_scheduler_type="constant"), 10))
     before = jax.tree.map(np.array, (state.params, state.opt_state))
     for run in (1, 2):
@@ -306,7 +307,8 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(checkpoint, tmp
     cfg = S.StepConfig(lora=True)
     model = lora.apply_lora(load(path), rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
     graphdef, adapters, base = lora.split_lora(model, cfg.gradient_checkpointing)
-    assert len(jax.tree.leaves(adapters)) == 2 * 3 * 3  # A and B on 3 kinds of layer in 3 layers
+    # A and B on 3 kinds of layer, each stacked over the 3 layers
+    assert [x.shape[0] for x in jax.tree.leaves(adapters)] == [3] * 2 * 3
     tx = S.make_optimizer(S.OptimConfig(learning_rate=1e-2, lr_scheduler_type="constant"), 10)
     state = S.init_state(adapters, tx)
     assert {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim} <= {a.shape for a in jax.tree.leaves(adapters)}
@@ -323,11 +325,12 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(checkpoint, tmp
     # the adapted model is the base model with kernel W + (alpha / r) A B, against transformers' numbers
     merged = load(path)
     _, merged_params = nnx.split(merged, nnx.Param)
-    for layer in range(3):
-        for module, name in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")):
-            ad = state.params["layers"][layer][module][name]
-            kernel = merged_params["layers"][layer][module][name]["kernel"]
-            kernel.set_value(kernel.get_value() + 2.0 * ad["lora_a"].get_value() @ ad["lora_b"].get_value())
+    for module, name in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")):
+        ad = state.params["layers"][module][name]  # stacked: A [L, in, r] and B [L, r, out]
+        kernel = merged_params["layers"][module][name]["kernel"]
+        for layer in range(3):
+            delta = 2.0 * ad["lora_a"].get_value()[layer] @ ad["lora_b"].get_value()[layer]
+            kernel.set_value(kernel.get_value().at[layer].add(delta))
     nnx.update(merged, merged_params)
     batch = make_batch(seed=9)
     adapted = nnx.merge(graphdef, state.params, *base)
@@ -550,8 +553,8 @@ def test_lora_dropout_in_training_only(checkpoint):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_gradient_checkpointing_equals_plain_backward(arch, tmp_path):
-    """Blocks scanned under jax.checkpoint (runs of equal blocks; gemma2 alternates sliding and global layers,
-    so its blocks are checkpointed one by one) give the plain backward pass's loss, metrics and gradients."""
+    """The stacked blocks' scan with its body under jax.checkpoint (gemma2 alternates sliding and global layers:
+    the window is scanned data) gives the plain backward pass's loss, metrics and gradients."""
     tiny_models.make_model(arch).save_pretrained(tmp_path)
     batch = jax.tree.map(jnp.asarray, make_batch(t=16))
     results = []

@@ -182,9 +182,9 @@ def initial_lora_a(trainer: Trainer) -> dict:
     """Our adapters' initial A (random, as PEFT's; B is 0) as PEFT holds them: module name from `layers.` on ->
     lora_A.weight [r, in] (ours is [in, r])."""
     out = {}
-    for i, layer in trainer.state.params["layers"].items():
-        for name, adapter in layer["self_attn"].items():
-            out[f"layers.{i}.self_attn.{name}"] = np.asarray(adapter["lora_a"].get_value()).T.copy()
+    for name, adapter in trainer.state.params["layers"]["self_attn"].items():  # stacked: [L, in, r]
+        for i, a in enumerate(np.asarray(adapter["lora_a"].get_value())):
+            out[f"layers.{i}.self_attn.{name}"] = a.T.copy()
     return out
 
 

@@ -43,6 +43,9 @@ CONFIGS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 4.0}}),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=3, n_head=4),
+    # A score scale per layer: data scanned with the stacked blocks.
+    "gpt2_inverse_layer_scale": lambda: transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=3,
+                                                                n_head=4, scale_attn_by_inverse_layer_idx=True),
 }
 
 

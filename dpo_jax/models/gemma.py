@@ -18,7 +18,7 @@ from flax import nnx
 
 from ..errors import CheckpointError
 from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
-                     run_blocks, wide)
+                     run_blocks, stacked, wide, window_values)
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -76,15 +76,14 @@ class GemmaConfig:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: GemmaConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GemmaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         norm = dict(offset=1.0, param_dtype=param_dtype, rngs=rngs)
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(d, eps, **norm)
         self.self_attn = SelfAttention(
             hidden=d, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, qkv_bias=False,
             o_bias=False, qk_norm=cfg.qk_norm, norm_eps=eps, norm_offset=1.0, scale=cfg.query_scale,
-            softcap=cfg.attn_logit_softcapping, inv_freq=cfg.inv_freqs[layer], window=cfg.sliding_windows[layer],
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            softcap=cfg.attn_logit_softcapping, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Gemma 1 uses this as the pre-MLP norm (as Llama); Gemma 2/3 apply it to the attention output.
         self.post_attention_layernorm = RMSNorm(d, eps, **norm)
         if cfg.sandwich_norms:
@@ -94,8 +93,9 @@ class DecoderLayer(nnx.Module):
                             param_dtype=param_dtype, rngs=rngs)
         self.sandwich_norms = cfg.sandwich_norms
 
-    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, cache=None):
-        attn = self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxS, positions_BxT, cache)
+    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, cache=None, **layer):
+        """`layer`: this layer's attention settings (SelfAttention's inv_freq and window)."""
+        attn = self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxS, positions_BxT, cache, **layer)
         if not self.sandwich_norms:
             x_BxTxD = x_BxTxD + attn
             return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
@@ -111,7 +111,8 @@ class GemmaForCausalLM(nnx.Module):
         self.remat = False  # recompute each block's activations in the backward pass (set by the step)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.layers = stacked(lambda rngs: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                              cfg.num_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
@@ -126,7 +127,10 @@ class GemmaForCausalLM(nnx.Module):
         x = self.embed_tokens(input_ids_BxT)
         # transformers rounds the scale to the embedding's dtype before multiplying.
         x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
-        x = run_blocks(self.layers, x, mask, positions, cache, remat=self.remat and cache is None)
+        # sliding and global layers differ only in scanned data: their window and RoPE frequencies
+        per_layer = {"inv_freq": self.config.inv_freqs, "window": window_values(self.config.sliding_windows)}
+        x = run_blocks(self.layers, x, mask, positions, per_layer=per_layer, cache=cache,
+                       remat=self.remat and cache is None)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -149,13 +153,13 @@ HF_RULES = (
     ("model.embed_tokens.weight", "embed_tokens.embedding", False),
     ("model.norm.weight", "norm.weight", False),
     ("lm_head.weight", "lm_head.kernel", True),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", False),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight", False),
-    ("model.layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.pre_feedforward_layernorm.weight", False),
-    ("model.layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.post_feedforward_layernorm.weight", False),
-    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.{i}.self_attn.{p}_proj.kernel", True),
-    ("model.layers.{i}.self_attn.{p}_norm.weight", "layers.{i}.self_attn.{p}_norm.weight", False),
-    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.mlp.{p}_proj.kernel", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers.input_layernorm.weight", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.post_attention_layernorm.weight", False),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "layers.pre_feedforward_layernorm.weight", False),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "layers.post_feedforward_layernorm.weight", False),
+    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.self_attn.{p}_proj.kernel", True),
+    ("model.layers.{i}.self_attn.{p}_norm.weight", "layers.self_attn.{p}_norm.weight", False),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.mlp.{p}_proj.kernel", True),
 )
 HF_IGNORED = (r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
 EMBEDDING_PATH = "embed_tokens.embedding"  # what a tied output head reuses

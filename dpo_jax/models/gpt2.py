@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .layers import (Embed, KVCache, LayerNorm, Linear, activation, attention, mask_and_positions, run_blocks,
-                     wide)
+                     stacked, wide)
 
 MODEL_TYPES = ("gpt2",)
 
@@ -45,23 +45,21 @@ class GPT2Config:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Fused [q | k | v] as in the checkpoint; its output axis is not sharded ("qkv").
         self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, ("embed", "qkv"), **kw)
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd, ("q_heads", "embed"), **kw)
         self.heads = cfg.n_head
-        head_dim = cfg.n_embd // cfg.n_head
-        scale = head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
-        self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
-    def __call__(self, x_BxTxD, mask_BxTxS, cache=None):
+    def __call__(self, x_BxTxD, mask_BxTxS, cache=None, *, scale):
+        """`scale`: this layer's score scale (it may depend on the layer: `attention_scales`)."""
         b, t, d = x_BxTxD.shape
         q, k, v = jnp.split(self.c_attn(x_BxTxD), 3, axis=-1)
         q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
         if cache is not None:
             k, v = cache.write(k, v)
-        return self.c_proj(attention(q, k, v, mask_BxTxS, scale=self.scale).reshape(b, t, d))
+        return self.c_proj(attention(q, k, v, mask_BxTxS, scale=scale).reshape(b, t, d))
 
 
 class MLP(nnx.Module):
@@ -75,16 +73,22 @@ class MLP(nnx.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
+def attention_scales(cfg: GPT2Config) -> tuple[float, ...]:
+    """Each layer's score scale: 1/sqrt(head dim) (or 1), divided by the layer's number when the config says."""
+    scale = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+    return tuple(scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale for layer in range(cfg.n_layer))
+
+
 class Block(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
-        self.attn = Attention(cfg, layer, **kw)
+        self.attn = Attention(cfg, **kw)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x_BxTxD, mask_BxTxS, cache=None):
-        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask_BxTxS, cache)
+    def __call__(self, x_BxTxD, mask_BxTxS, cache=None, *, scale):
+        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask_BxTxS, cache, scale=scale)
         return x_BxTxD + self.mlp(self.ln_2(x_BxTxD))
 
 
@@ -97,7 +101,7 @@ class GPT2LMHeadModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.wte = Embed(cfg.vocab_size, cfg.n_embd, ("vocab", "embed"), **kw)
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, (None, "embed"), **kw)
-        self.h = nnx.List([Block(cfg, i, **kw) for i in range(cfg.n_layer)])
+        self.h = stacked(lambda rngs: Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs), cfg.n_layer, rngs)
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else Linear(cfg.n_embd, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
@@ -110,7 +114,8 @@ class GPT2LMHeadModel(nnx.Module):
         b, t = input_ids_BxT.shape
         mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.wte(input_ids_BxT) + self.wpe(positions)
-        x = run_blocks(self.h, x, mask, cache, remat=self.remat and cache is None)
+        x = run_blocks(self.h, x, mask, per_layer={"scale": attention_scales(self.config)}, cache=cache,
+                       remat=self.remat and cache is None)
         if cache is not None:
             cache.advance(t)
         return self.ln_f(x)
@@ -126,17 +131,18 @@ class GPT2LMHeadModel(nnx.Module):
         return self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype), kernel=head)
 
 
-# GPT-2's Conv1D stores weights [in, out], as we do: no transposes.
+# GPT-2's Conv1D stores weights [in, out], as we do: no transposes. Our blocks are stacked: `transformer.h.{i}`
+# is slice i of `h`.
 HF_RULES = (
     ("transformer.wte.weight", "wte.embedding", False),
     ("transformer.wpe.weight", "wpe.embedding", False),
     ("transformer.ln_f.weight", "ln_f.scale", False),
     ("transformer.ln_f.bias", "ln_f.bias", False),
     ("lm_head.weight", "lm_head.kernel", True),
-    ("transformer.h.{i}.ln_{n}.weight", "h.{i}.ln_{n}.scale", False),
-    ("transformer.h.{i}.ln_{n}.bias", "h.{i}.ln_{n}.bias", False),
-    ("transformer.h.{i}.{m}.c_{p}.weight", "h.{i}.{m}.c_{p}.kernel", False),
-    ("transformer.h.{i}.{m}.c_{p}.bias", "h.{i}.{m}.c_{p}.bias", False),
+    ("transformer.h.{i}.ln_{n}.weight", "h.ln_{n}.scale", False),
+    ("transformer.h.{i}.ln_{n}.bias", "h.ln_{n}.bias", False),
+    ("transformer.h.{i}.{m}.c_{p}.weight", "h.{m}.c_{p}.kernel", False),
+    ("transformer.h.{i}.{m}.c_{p}.bias", "h.{m}.c_{p}.bias", False),
 )
 # The causal-mask buffers of older checkpoints.
 HF_IGNORED = (r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
-                     run_blocks, wide)
+                     run_blocks, stacked, wide, window_values)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -74,20 +74,22 @@ class LlamaConfig:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         norm = dict(param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.self_attn = SelfAttention(
             hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.rms_norm_eps,
-            norm_offset=0.0, scale=cfg.head_dim ** -0.5, softcap=None, inv_freq=cfg.inv_freq,
-            window=cfg.sliding_windows[layer], dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            norm_offset=0.0, scale=cfg.head_dim ** -0.5, softcap=None, dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=cfg.mlp_bias,
                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, cache=None):
-        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxS, positions_BxT, cache)
+    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, cache=None, **layer):
+        """`layer`: this layer's attention settings (SelfAttention's inv_freq and window)."""
+        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), mask_BxTxS, positions_BxT, cache,
+                                           **layer)
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
 
@@ -104,7 +106,8 @@ class LlamaForCausalLM(nnx.Module):
         self.remat = False  # recompute each block's activations in the backward pass (set by the step)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, i, **kw) for i in range(cfg.num_layers)])
+        self.layers = stacked(lambda rngs: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                              cfg.num_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, **kw))
@@ -118,7 +121,10 @@ class LlamaForCausalLM(nnx.Module):
         b, t = input_ids_BxT.shape
         mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.embed_tokens(input_ids_BxT)
-        x = run_blocks(self.layers, x, mask, positions, cache, remat=self.remat and cache is None)
+        per_layer = {"inv_freq": (self.config.inv_freq,) * self.config.num_layers,
+                     "window": window_values(self.config.sliding_windows)}
+        x = run_blocks(self.layers, x, mask, positions, per_layer=per_layer, cache=cache,
+                       remat=self.remat and cache is None)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -134,20 +140,20 @@ class LlamaForCausalLM(nnx.Module):
         return self.lm_head(hidden_BxTxD, preferred_element_type=wide(self.lm_head.dtype), kernel=head)
 
 
-# transformers' checkpoint names -> our parameter paths; (hf, ours, transpose). `{i}` is a layer index,
-# any other `{x}` a short lowercase word (q, k, v, o, gate, up, down). The loader requires every tensor
-# on both sides to be used exactly once.
+# transformers' checkpoint names -> our parameter paths; (hf, ours, transpose). `{i}` is a layer index (ours
+# have none: the blocks are stacked, layer i is slice i), any other `{x}` a short lowercase word (q, k, v, o,
+# gate, up, down). The loader requires every tensor on both sides to be used exactly once.
 HF_RULES = (
     ("model.embed_tokens.weight", "embed_tokens.embedding", False),
     ("model.norm.weight", "norm.weight", False),
     ("lm_head.weight", "lm_head.kernel", True),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", False),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight", False),
-    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.{i}.self_attn.{p}_proj.kernel", True),
-    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.{i}.self_attn.{p}_proj.bias", False),
-    ("model.layers.{i}.self_attn.{p}_norm.weight", "layers.{i}.self_attn.{p}_norm.weight", False),
-    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.mlp.{p}_proj.kernel", True),
-    ("model.layers.{i}.mlp.{p}_proj.bias", "layers.{i}.mlp.{p}_proj.bias", False),
+    ("model.layers.{i}.input_layernorm.weight", "layers.input_layernorm.weight", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.post_attention_layernorm.weight", False),
+    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.self_attn.{p}_proj.kernel", True),
+    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.self_attn.{p}_proj.bias", False),
+    ("model.layers.{i}.self_attn.{p}_norm.weight", "layers.self_attn.{p}_norm.weight", False),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.mlp.{p}_proj.kernel", True),
+    ("model.layers.{i}.mlp.{p}_proj.bias", "layers.mlp.{p}_proj.bias", False),
 )
 # Buffers some older checkpoints carry; recomputed, not loaded.
 HF_IGNORED = (r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)

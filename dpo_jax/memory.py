@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import lora
+from . import lora, sharding
 from . import step as S
 from .errors import UserError
 from .models import family
@@ -52,8 +52,11 @@ def frozen_dtype(o, compute):
 
 def _held_frozen(tree, dtype):
     """As trainer.hold_frozen holds them: matrices (2+ dimensions) in `dtype`, vectors as loaded."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if x.ndim >= 2 else x.dtype,
-                                                       sharding=x.sharding), tree)
+    def hold(variable):
+        x = variable.get_value()
+        return variable.replace(jax.ShapeDtypeStruct(x.shape, dtype if sharding.is_matrix(variable) else x.dtype,
+                                                     sharding=x.sharding))
+    return jax.tree.map(hold, tree, is_leaf=sharding.is_variable)
 
 
 def abstract_models(o, config, ref_config, mesh, dtype, remat: bool):

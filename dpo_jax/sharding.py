@@ -28,6 +28,19 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 }
 
 
+def is_matrix(leaf) -> bool:
+    """Whether a parameter is a matrix (2+ dimensions) per layer: a stacked block's weight counts without its
+    leading layer axis (logical name "layers"), so a stack of norm scales is still a vector. `leaf` is an
+    nnx.Variable (its logical axes known) or an array (taken as it is)."""
+    value = leaf.get_value() if hasattr(leaf, "get_metadata") else leaf
+    axes = (leaf.get_metadata().get("out_sharding") or ()) if hasattr(leaf, "get_metadata") else ()
+    return value.ndim - (1 if axes and axes[0] == "layers" else 0) >= 2
+
+
+def is_variable(x) -> bool:
+    return hasattr(x, "get_metadata") and hasattr(x, "get_value")
+
+
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> PartitionSpec:
     """The PartitionSpec for a parameter with these logical axes on this mesh.
 

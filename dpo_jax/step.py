@@ -92,7 +92,8 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with the schedule; weight decay on parameters with 2+ dimensions."""
     adamw = optax.adamw(make_schedule(cfg, total_steps), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
-                        weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+                        weight_decay=cfg.weight_decay,
+                        mask=lambda p: jax.tree.map(sharding.is_matrix, p, is_leaf=sharding.is_variable))
     clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity()
     return optax.chain(clip, adamw)
 

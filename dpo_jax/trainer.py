@@ -38,7 +38,7 @@ from .data import MissingSplit
 from .errors import UserError
 from .hf import from_pretrained, load_config, load_tokenizer
 from .options import Options
-from .sharding import check_mesh, make_mesh, parse_mesh
+from .sharding import check_mesh, is_matrix, is_variable, make_mesh, parse_mesh
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,10 @@ def hold_frozen(params, dtype):
     products as float32 ones, since every layer casts its weights to the compute dtype when it uses them, at
     half the memory in bfloat16. Vectors (norm scales, biases) stay as loaded: they are small, and some are used
     in float32 maths (Gemma's norms). A fresh copy either way (the policy's buffers are donated to its state)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 and x.dtype != dtype else jnp.copy(x), params)
+    def hold(variable):
+        x = variable.get_value()
+        return variable.replace(x.astype(dtype) if is_matrix(variable) and x.dtype != dtype else jnp.copy(x))
+    return jax.tree.map(hold, params, is_leaf=is_variable)
 
 
 def step_config(o: Options) -> S.StepConfig:

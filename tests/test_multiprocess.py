@@ -53,7 +53,7 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path, extra, 
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
     assert "trained 4 steps" in results[0][0] and "trained" not in results[1][0]  # one summary, from process 0
-    assert re.search(r"device memory +[0-9.]+ [GM]B", results[0][0]), results[0][0]  # agreed by both, positive
+    assert re.search(r"device memory +[0-9.]+ [GM]i?B", results[0][0]), results[0][0]  # agreed by both, positive
 
     one = Trainer(options.parse(["--model_name_or_path", model, "--output_dir", str(tmp_path / "one"), *args]))
     one.train()
@@ -81,19 +81,20 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path, extra, 
 
 TERMINATED_IN_STEP_3 = """
 import os, signal, sys
-from dpo_jax import step
-compile_train_step = step.compile_train_step
+from dpo_jax import trainer
+build = trainer.Trainer._build
 
-def terminated_in_step_3(*args, **kwargs):
-    train_step, calls = compile_train_step(*args, **kwargs), []
+def terminated_in_step_3(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    train_step, calls = self.train_step, []
     def run(*a):
         calls.append(1)
         if len(calls) == 3 and sys.argv[sys.argv.index("--process_id") + 1] == "1":
             os.kill(os.getpid(), signal.SIGTERM)  # one host's preemption notice; the other hears nothing
         return train_step(*a)
-    return run
+    self.train_step = run
 
-step.compile_train_step = terminated_in_step_3
+trainer.Trainer._build = terminated_in_step_3
 from dpo_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -58,7 +58,7 @@ def test_reference_held_in_bfloat16_scores_as_the_float32_weights_do(tmp_path, n
 
     from dpo_jax import trainer
     from dpo_jax.options import Options, RunConfig
-    from dpo_jax.sharding import make_mesh
+    from dpo_jax.sharding import is_matrix, is_variable, make_mesh
 
     make_model(name).save_pretrained(tmp_path)
     mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
@@ -68,9 +68,10 @@ def test_reference_held_in_bfloat16_scores_as_the_float32_weights_do(tmp_path, n
     for ref_dtype in ("auto", "float32"):
         o = Options(run=RunConfig(model_name_or_path=str(tmp_path), bf16=True, ref_dtype=ref_dtype))
         models = trainer.build_models(o, mesh, jnp.bfloat16)
-        dtypes = {x.dtype for x in jax.tree.leaves(models.ref) if x.ndim >= 2}
+        weights = jax.tree.leaves(models.ref, is_leaf=is_variable)  # stacked blocks: a leading layer axis
+        dtypes = {v.get_value().dtype for v in weights if is_matrix(v)}
         assert dtypes == {jnp.dtype(jnp.bfloat16 if ref_dtype == "auto" else jnp.float32)}
-        assert {x.dtype for x in jax.tree.leaves(models.ref) if x.ndim < 2} == {jnp.dtype(jnp.float32)}
+        assert {v.get_value().dtype for v in weights if not is_matrix(v)} == {jnp.dtype(jnp.float32)}
         forward = jax.jit(lambda ref, *r: sequence_logps(nnx.merge(models.ref_graphdef, ref), *r)["logps"])
         got[ref_dtype] = np.asarray(forward(models.ref, *rows))
     np.testing.assert_array_equal(got["auto"], got["float32"])

@@ -104,6 +104,16 @@ def xla_matmul_peak(n: int = 4096, repeats: int = 7) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def dims(config) -> dict:
+    """Layer count and widths of a model config (Llama-style or GPT-2 names), for the FLOP count."""
+    get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None))  # noqa: E731
+    hidden = get("hidden_size", "n_embd")
+    heads = get("num_heads", "n_head")
+    return {"layers": get("num_layers", "n_layer"), "hidden": hidden, "heads": heads,
+            "intermediate": get("intermediate_size", "n_inner") if getattr(config, "n_inner", 1) else 4 * hidden,
+            "vocab": config.vocab_size}
+
+
 def run_ours(option_args: list[str], epochs: int) -> dict:
     """Train with dpo-jax for `epochs` epochs and measure (in this process)."""
     import jax
@@ -111,7 +121,6 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
 
     from . import losses, options
     from .hf import load_config
-    from .memory import dims
     from .trainer import Trainer
 
     peak = xla_matmul_peak()
@@ -156,7 +165,6 @@ def matmul_params(config) -> int:
 
     from flax import nnx
 
-    from .memory import dims
     from .models import family
 
     model = nnx.eval_shape(lambda: family(config.model_type).Model(config, rngs=nnx.Rngs(0)))

@@ -1,5 +1,5 @@
 """Figures of a compiled program read from its optimized HLO text: FLOPs with every loop counted as many times
-as it runs, and the bytes its collectives move per device.
+as it runs, and the bytes its collectives bring into each device, by kind and by what they do.
 
 XLA's cost analysis (`compiled.cost_analysis()`) counts a while loop's body once, whatever its trip count, and
 a train step is mostly loops (the scan over decoder blocks, gradient accumulation, the head's chunks). Here each
@@ -106,7 +106,7 @@ def _line(computation: Computation, name: str) -> str:
 def _source(computation: Computation, name: str) -> Instruction | None:
     """The instruction whose value `name` holds, seen through copies, bitcasts and conversions."""
     instruction = computation.instructions.get(name)
-    while instruction is not None and instruction.opcode in ("copy", "bitcast", "copy-done", "convert") \
+    while instruction is not None and instruction.opcode in ("copy", "bitcast", "copy-start", "copy-done", "convert") \
             and instruction.operands:
         instruction = computation.instructions.get(instruction.operands[0])
     return instruction
@@ -208,12 +208,111 @@ def _submodule(computations, name: str) -> str:
     return re.sub(r" stack_frame_id=\d+", "", "\n".join(parts + body))
 
 
+# XLA's SPMD partitioner may run a sharded matmul as a "windowed einsum": a loop that passes the weight's shards
+# (or the partial results) around a ring with collective-permutes while it multiplies, instead of one
+# all-gather (or reduce-scatter) before (after) the matmul. Its loops are named for what they replace.
+_RING_LOOPS = (("windowed_dot_general_body_ag", "gather"), ("windowed_dot_general_body_rs", "reduce"))
+ROLES = ("gather", "reduce", "exchange")
+
+
+def _ring_role(name: str) -> str | None:
+    return next((role for marker, role in _RING_LOOPS if marker in name), None)
+
+
+def permute_role(computations, computation: Computation, instruction: Instruction) -> str:
+    """What a collective-permute does: "gather" or "reduce" when it is a step of a windowed einsum's ring (inside
+    its loop, or peeled off just before or after it: its result feeds such a loop, or it sends such a loop's
+    result), "exchange" otherwise."""
+    role = _ring_role(computation.name)
+    if role:
+        return role
+    def loop_role(candidate: Instruction | None) -> str | None:
+        if candidate is not None and candidate.opcode == "while":
+            return _ring_role(re.search(r"body=%([^,\s]+)", candidate.attributes).group(1))
+        return None
+    source = _source(computation, instruction.operands[0]) if instruction.operands else None
+    while source is not None and source.opcode == "get-tuple-element" and source.operands:
+        role = loop_role(computation.instructions.get(source.operands[0]))
+        if role:
+            return role
+        source = _source(computation, source.operands[0])
+    # where its result goes: the done of an async permute, then through tuples and copies into a loop
+    users: dict[str, list[Instruction]] = {}
+    for other in computation.instructions.values():
+        for operand in other.operands:
+            users.setdefault(operand, []).append(other)
+    todo, seen = [instruction.name], set()
+    while todo:
+        name = todo.pop()
+        for user in users.get(name, []):
+            role = loop_role(user)
+            if role:
+                return role
+            if user.opcode in ("collective-permute-done", "tuple", "copy", "copy-start", "copy-done", "bitcast") \
+                    and user.name not in seen:
+                seen.add(user.name)
+                todo.append(user.name)
+    return "exchange"
+
+
 @dataclass
 class Figures:
     flops: float | None  # every loop counted trip-count times; None when a loop cannot be counted
     flops_once: float  # XLA's own figure: each loop body once
     loops: list[tuple[str, int | None]]  # (while instruction, trip count)
-    collectives: dict[str, int]  # bytes per device by kind, loops counted trip-count times
+    collectives: dict[str, int]  # bytes into each device by kind (_moved_bytes), loops counted trip-count times
+    # the same bytes by what they do: "gather" (all-gathers and the permutes of gathering rings), "reduce"
+    # (all-reduces, reduce-scatters and the permutes of reducing rings), "exchange" (all-to-alls, other permutes)
+    roles: dict[str, int] = field(default_factory=dict)
+
+
+def run_counts(computations, entry: str) -> tuple[dict[str, int], list[tuple[str, int | None]]]:
+    """(times each computation runs per execution of the program, every loop with its trip count); a loop whose
+    count cannot be read is taken as running once."""
+    loops = []
+    runs = {entry: 1}
+    for name in _reachable(computations, entry, stop_at_loops=False):
+        for instruction in computations[name].instructions.values():
+            count = 1
+            if instruction.opcode == "while":
+                count = trip_count(computations, computations[name], instruction)
+                loops.append((instruction.name, count))
+                count = 1 if count is None else count
+            for callee in called(instruction):
+                runs[callee] = runs.get(callee, 0) + runs.get(name, 0) * count
+    return runs, loops
+
+
+def collective_bytes(computations, runs: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(bytes into each device by collective kind, the same by role: ROLES) per execution of the program."""
+    collectives = {kind: 0 for kind in COLLECTIVES}
+    roles = {role: 0 for role in ROLES}
+    # XLA:TPU may run one collective in pieces inside several compute fusions ("async collective fusion"), even
+    # across a loop's iterations, to overlap it with them: each piece carries the whole collective's shape and the
+    # same channel and chain ids. Such a chain is counted once for every time the least-run of its pieces runs.
+    chain_runs: dict[tuple[str, str], int] = {}
+    for name, computation in computations.items():
+        for instruction in computation.instructions.values():
+            chain = _chain(instruction)
+            if chain and runs.get(name):
+                chain_runs[chain] = min(chain_runs.get(chain, runs[name]), runs[name])
+    counted_chains = set()
+    for name, computation in computations.items():
+        for instruction in computation.instructions.values():
+            kind = instruction.opcode.removesuffix("-start")
+            if kind not in COLLECTIVES or not runs.get(name):
+                continue
+            chain = _chain(instruction)
+            if chain in counted_chains:
+                continue  # another piece of a chain already counted
+            if chain:
+                counted_chains.add(chain)
+            moved = (chain_runs[chain] if chain else runs[name]) * _moved_bytes(computation, instruction, kind)
+            collectives[kind] += moved
+            role = ("gather" if kind == "all-gather" else "reduce" if kind in ("all-reduce", "reduce-scatter")
+                    else "exchange" if kind == "all-to-all" else permute_role(computations, computation, instruction))
+            roles[role] += moved
+    return collectives, roles
 
 
 def analyse(text: str, client) -> Figures:
@@ -229,18 +328,7 @@ def analyse(text: str, client) -> Figures:
         module = _hlo.hlo_module_from_text(text if name == entry else _submodule(computations, name))
         return float(_jax.hlo_module_cost_analysis(client, module).get("flops", 0.0))
 
-    loops, unknown = [], False
-    runs = {entry: 1}  # times each computation runs per execution of the program
-    for name in _reachable(computations, entry, stop_at_loops=False):
-        for instruction in computations[name].instructions.values():
-            count = 1
-            if instruction.opcode == "while":
-                count = trip_count(computations, computations[name], instruction)
-                loops.append((instruction.name, count))
-                unknown |= count is None
-                count = 1 if count is None else count
-            for callee in called(instruction):
-                runs[callee] = runs.get(callee, 0) + runs.get(name, 0) * count
+    runs, loops = run_counts(computations, entry)
 
     def weighted(name: str) -> float:
         """FLOPs of one run of computation `name` with its loops run as many times as they do."""
@@ -253,28 +341,53 @@ def analyse(text: str, client) -> Figures:
                     total += (1 if n is None else n) * weighted(body) - cost(body)
         return total
 
-    collectives = {kind: 0 for kind in COLLECTIVES}
-    for name, computation in computations.items():
-        for instruction in computation.instructions.values():
-            kind = instruction.opcode.removesuffix("-start")
-            if kind in COLLECTIVES and runs.get(name):
-                collectives[kind] += runs[name] * _moved_bytes(computation, instruction, kind)
+    collectives, roles = collective_bytes(computations, runs)
     flops = None
-    if not unknown:
+    if all(n is not None for _, n in loops):
         try:
             flops = weighted(entry)
         except JaxRuntimeError:  # a loop body the analysis cannot take as a module of its own
             flops = None
-    return Figures(flops=flops, flops_once=cost(entry), loops=loops, collectives=collectives)
+    return Figures(flops=flops, flops_once=cost(entry), loops=loops, collectives=collectives, roles=roles)
+
+
+def _chain(instruction: Instruction) -> tuple[str, str] | None:
+    """(channel id, chain id) of a collective that is one piece of a chained async collective, else None."""
+    if instruction.opcode.removesuffix("-start") not in COLLECTIVES:
+        return None
+    chain = re.search(r'chain_id="([^"]*)"', instruction.attributes)
+    channel = re.search(r"channel_id=(\d+)", instruction.attributes)
+    return (channel.group(1) if channel else "", chain.group(1)) if chain else None
+
+
+def group_size(attributes: str) -> int | None:
+    """How many devices take part in each group of a collective, from its replica_groups (XLA's mesh form
+    `mesh['axis_0'=8,'axis_1'=1] {'axis_0'}`, the iota form `[2,4]<=[8]` or explicit `{{0,1},{2,3}}`); None
+    when it does not say (all devices)."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", attributes)
+    if mesh:
+        sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes)
+    if iota:
+        return int(iota.group(2))
+    explicit = re.search(r"replica_groups=\{\{([^}]*)\}", attributes)
+    return len(explicit.group(1).split(",")) if explicit else None
 
 
 def _moved_bytes(computation: Computation, instruction: Instruction, kind: str) -> int:
-    """A collective's data per device: what an all-gather gathers (its result), what the others reduce, scatter,
-    exchange or send (their operands). An async `-start` is counted; its `-done` is not."""
+    """The bytes a collective brings into each device, by the usual algorithms over groups of g devices: an
+    all-gather receives (g - 1) / g of its result, a reduce-scatter or all-to-all (g - 1) / g of its operand, an
+    all-reduce twice that (a reduce-scatter, then an all-gather), a collective-permute its operand. An async
+    `-start` is counted; its `-done` is not."""
     operands = sum(shape_bytes(computation.instructions[o].shape) for o in instruction.operands
                    if o in computation.instructions)
+    if kind == "collective-permute":
+        return operands
+    g = group_size(instruction.attributes)
+    share = 1.0 if g is None else (g - 1) / g  # unknown groups: counted whole
     if kind == "all-gather":
         result = shape_bytes(instruction.shape)
         # all-gather-start's result is the tuple (operands, results)
-        return result - operands if instruction.opcode.endswith("-start") else result
-    return operands
+        return int(share * (result - operands if instruction.opcode.endswith("-start") else result))
+    return int((2 if kind == "all-reduce" else 1) * share * operands)

@@ -20,11 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .sharding import constrain_rows, gather_weight, rows_per_device, vocab_per_device
+from .sharding import constrain_rows, gather_weight, per_device_rows, rows_per_device, vocab_per_device
 
-# float32 logits held per chunk on one device, summed over its rows. Large, because on a mesh every chunk of a
-# full fine-tune all-reduces the gradient of the (gathered) head weight once: an 8B model's 1 GB head was reduced
-# 64 times per step with 64 MiB chunks at 4096 tokens (125 GiB per chip), about 8 times with these.
+# float32 logits held per chunk on one device, summed over its rows.
 CHUNK_BYTES = 512 * 2**20
 KEEP_BYTES = 2**30  # one device's float32 logits up to this size are kept, not chunked and recomputed
 MIN_CHUNKS = 4  # sequences of MIN_CHUNKS x MIN_CHUNK_LENGTH positions or more run the head in this many chunks at
@@ -127,14 +125,15 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk
 
     The head runs only where there are targets: each row's target positions are gathered to its front, the
     sequence is cut into chunks (at least MIN_CHUNKS), and the chunks past the longest row's targets are skipped
-    (`lax.cond` on the batch's largest target count: prompt and padding positions cost no logits).
+    (`lax.cond` on the largest target count of a device's rows: prompt and padding positions cost no logits).
+    On a mesh each device runs the loop over its own rows (`per_device_rows`), so the head's weight gradient is
+    summed over the devices once per step, not once per chunk.
     """
     n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
     order_NxT = jnp.argsort(~valid_NxT, axis=1, stable=True)  # target positions first, in order
     source_NxT, targets_NxT = (jnp.take_along_axis(x, order_NxT, axis=1) for x in (source_NxT, targets_NxT))
     hidden_NxTxD = constrain_rows(jnp.take_along_axis(hidden_NxTxD, jnp.maximum(source_NxT, 0)[..., None], axis=1))
-    targets_needed = valid_NxT.sum(-1).max()
     c, recompute = (chunk, True) if chunk else head_chunks(t, rows_per_device(n),
                                                            vocab_per_device(model.config.vocab_size))
     c = min(c, -(-t // MIN_CHUNKS) if t >= MIN_CHUNKS * MIN_CHUNK_LENGTH else t)
@@ -143,9 +142,9 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk
         hidden_NxTxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, k * c - t), (0, 0)))
         targets_NxT = jnp.pad(targets_NxT, ((0, 0), (0, k * c - t)))
 
-    # the head's weight gathered over fsdp and cast to the compute dtype once, before the loop over chunks (else
-    # once per chunk)
-    weight = gather_weight(model.output_head()).astype(hidden_NxTxD.dtype)
+    # the head's weight gathered over fsdp and cast to the compute dtype once, before the loop over chunks; the
+    # barrier keeps XLA from moving the gather into the loop (it did for a frozen head: once per chunk)
+    weight = jax.lax.optimization_barrier(gather_weight(model.output_head()).astype(hidden_NxTxD.dtype))
 
     def head(hidden_NxCxD, targets_NxC, weight):
         logits_NxCxV = constrain_rows(model.logits(hidden_NxCxD, weight).astype(wide), None, "tensor")
@@ -153,18 +152,27 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk
         return target_NxC - jax.nn.logsumexp(logits_NxCxV, axis=-1), logits_NxCxV.mean(axis=-1)
 
     def skip(hidden_NxCxD, targets_NxC, weight):
-        none = jnp.zeros(targets_NxC.shape, wide)
+        none = jnp.zeros_like(targets_NxC, wide)  # like its input: per device inside `per_device_rows`
         return none, none
 
     # The cond runs inside a checkpoint: inside a scan, a cond's residuals are stacked per iteration, the head's
     # weight among them (an 8B model's head 64 times over), while a checkpoint's residuals are its inputs, which
     # the scan keeps once as loop-invariant. Kept chunks save everything (no recomputation), as without the cond.
     @functools.partial(jax.checkpoint, policy=None if recompute else jax.checkpoint_policies.everything_saveable)
-    def chunk_or_skip(j, hidden_NxCxD, targets_NxC, weight):
-        return jax.lax.cond(j * c < targets_needed, head, skip, hidden_NxCxD, targets_NxC, weight)
+    def chunk_or_skip(j, hidden_NxCxD, targets_NxC, needed, weight):
+        return jax.lax.cond(j * c < needed, head, skip, hidden_NxCxD, targets_NxC, weight)
 
-    chunks = (jnp.arange(k), hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1), targets_NxT.reshape(n, k, c).swapaxes(0, 1))
-    token_logp, mean_logit = jax.lax.map(lambda xs: chunk_or_skip(*xs, weight), chunks)
+    # the batch's largest target count: chunks past it are skipped. The same on every device (a device's own
+    # would skip more, but its branches would then differ, and XLA may place collectives inside them)
+    needed = valid_NxT.sum(-1).max()
+
+    def all_chunks(hidden_KxNxCxD, targets_KxNxC, shared):
+        weight, needed = shared
+        return jax.lax.map(lambda xs: chunk_or_skip(*xs, needed, weight),
+                           (jnp.arange(k), hidden_KxNxCxD, targets_KxNxC))
+
+    chunks = (hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1), targets_NxT.reshape(n, k, c).swapaxes(0, 1))
+    token_logp, mean_logit = per_device_rows(all_chunks, chunks, (weight, needed))
     back_NxT = jnp.argsort(order_NxT, axis=1)  # each position's place in the gathered order
     keep = valid_NxT.astype(wide)
     return tuple(jnp.take_along_axis(x.swapaxes(0, 1).reshape(n, k * c)[:, :t], back_NxT, axis=1) * keep

@@ -185,10 +185,13 @@ def plan(o, topology: str | None = None) -> dict:
     client = jax.devices("cpu")[0].client  # XLA's cost analysis is the same on every backend
     counted = hlo.analyse(step.compiled.as_text(), client)
     fits = hbm is None or usage.total <= hbm
+    # the model's weights, for the gathers in copies of them: the policy's, or a LoRA run's base (its reference)
+    weights = max(sum(x.size for x in jax.tree.leaves(tree)) for tree in (step.run.state.params, step.run.ref))
     figures.update(fits=fits, gradient_checkpointing=step.remat, argument=usage.argument, output=usage.output,
                    alias=usage.alias, temp=usage.temp, total=usage.total, arguments=usage.parts,
                    flops=counted.flops, flops_loops_once=counted.flops_once,
                    loop_trip_counts=[n for _, n in counted.loops], collective_bytes=counted.collectives,
+                   collective_roles=counted.roles, model_parameters=weights,
                    compile_seconds=round(step.seconds, 1))
     print(usage.table(hbm, source, title=f"  memory per chip (XLA, gradient_checkpointing {str(step.remat).lower()}):",
                       indent="    "))
@@ -201,8 +204,12 @@ def plan(o, topology: str | None = None) -> dict:
     flops = "unknown (a loop could not be counted)" if counted.flops is None else f"{counted.flops:.4g}"
     print(f"  FLOPs per chip per step: {flops} (XLA's count, each loop once: {counted.flops_once:.4g}; loop trip "
           f"counts {loops})")
-    print("  collectives per chip per step: " + ", ".join(f"{k} {memory.gb(v)}" for k, v in
-                                                          counted.collectives.items() if v) or "none")
+    print("  collectives per chip per step: " + (", ".join(f"{k} {memory.gb(v)}" for k, v in
+                                                           counted.collectives.items() if v) or "none"))
+    roles = counted.roles
+    print(f"    by what they do: gathers {memory.gb(roles['gather'])} ({roles['gather'] / (2 * weights):.2f} "
+          f"bfloat16 copies of the model's {weights / 1e9:.2f}B weights), reductions {memory.gb(roles['reduce'])}, "
+          f"exchanges {memory.gb(roles['exchange'])}  (collective-permutes counted by the ring they belong to)")
     print(f"  compile time {step.seconds:.1f} s")
     return figures
 

@@ -110,6 +110,36 @@ def gather_weight(variable) -> jax.Array:
     return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
 
 
+def per_device_rows(f, rows, shared):
+    """`f(*rows, shared)` run by each device on its own rows, under `activations_on` a mesh whose data x fsdp
+    devices divide them: `rows` are arrays whose second axis is the batch's rows (a leading loop axis first) or
+    whose first is (1-D), `shared` arrays every device holds whole over data x fsdp (the gathered head), and
+    `f`'s results have rows on their second axis. Run so (`jax.shard_map`, manual over data and fsdp, tensor left
+    to XLA), a loop in `f` accumulates the gradient of `shared` on each device, and it is summed over the
+    devices once, after the loop; traced as one global program, every iteration's matmul over the split rows
+    would all-reduce it (an 8B model's 1 GB head, once per chunk of the head's loop). Plain `f` without a mesh."""
+    mesh = _ACTIVATION_MESH.get()
+    split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if split == 1 or any(x.shape[min(1, x.ndim - 1)] % split for x in rows):
+        return f(*rows, shared)
+
+    def local(*args):
+        # `shared` made per-device here, before `f`'s loop: the transpose of that cast is the one sum of its
+        # gradient over the devices (cast where a loop body uses it, the sum would run in every iteration)
+        *own, common = args
+        common = jax.tree.map(lambda x: jax.lax.pcast(x, ROW_AXES, to="varying"), common)
+        with activations_on(None):  # inside, every array is one device's: no hints
+            return f(*own, common)
+
+    def row_spec(x):
+        return PartitionSpec(ROW_AXES) if x.ndim == 1 else PartitionSpec(None, ROW_AXES)
+
+    out = jax.eval_shape(f, *rows, shared)
+    return jax.shard_map(local, mesh=mesh, axis_names=set(ROW_AXES),
+                         in_specs=(*(row_spec(x) for x in rows), jax.tree.map(lambda _: PartitionSpec(), shared)),
+                         out_specs=jax.tree.map(lambda _: PartitionSpec(None, ROW_AXES), out))(*rows, shared)
+
+
 def rows_per_device(rows: int) -> int:
     """The rows of a batch of `rows` that one device holds under `activations_on` (all of them without it)."""
     mesh = _ACTIVATION_MESH.get()

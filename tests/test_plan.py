@@ -23,12 +23,12 @@ from dpo_jax.sharding import logical_to_spec, make_mesh
 pytest.importorskip("libtpu", reason="the TPU compiler: pip install -e '.[plan]'")
 
 
-def config_dir(path, hidden, layers, vocab=1024, heads=4, kv_heads=2):
+def config_dir(path, hidden, layers, vocab=1024, heads=4, kv_heads=2, intermediate=None):
     """A model directory holding only config.json (head_dim 128: every weight's shard is whole TPU tiles)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "intermediate_size": intermediate or 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "head_dim": 128, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False}))
     return str(path)
@@ -341,3 +341,33 @@ def test_rings_and_chained_collectives_are_counted_for_what_they_do():
     assert collectives["all-gather"] == 2 * shard // 2  # one gather of bf16[16, 128] over 2 devices, not two
     assert collectives["all-reduce"] == 2 * (4 * 8 * 128) // 2
     assert roles == {"gather": (1 + 4) * shard + shard, "reduce": 4 * 8 * 128, "exchange": shard}
+
+
+def test_fsdp_gathers_the_head_once_per_pass_and_reduces_its_gradient_once(tmp_path):
+    """A full fine-tune on 8 v5e chips whose head runs in 4 chunks (vocabulary 65536, 2 rows of 4096 tokens per
+    chip), remat on: the head's weight is gathered for the policy's forward and the reference's (the backward
+    reuses the policy's), the blocks' about 3 times (forward, reference, backward with its recomputation), not
+    once per chunk; the head's gradient is all-reduced once, not once per chunk. Each chip receives 7/8 of a
+    gathered weight and twice 7/8 of an all-reduced one."""
+    model = config_dir(tmp_path / "m", hidden=512, layers=2, vocab=65536)
+    figures = plan.plan(options.parse(["--model_name_or_path", model, "--max_length", "4096",
+                                       "--per_device_train_batch_size", "1", "--pack_pairs", "pairs",
+                                       "--gradient_checkpointing", "true", "--bf16", "true"]), "v5e:2x4")
+    head = 512 * 65536
+    block = 512 * (4 * 128 + 2 * 2 * 128 + 4 * 128) + 3 * 512 * 1024 + 2 * 512  # q, k, v, o; the MLP; 2 norms
+    assert figures["model_parameters"] == 2 * head + 2 * block + 512  # embedding, head, 2 blocks, the final norm
+    bf16 = 2
+    gathers = figures["collective_roles"]["gather"]
+    assert 7 / 8 * 2 * head * bf16 <= gathers <= (2 * head + 3.5 * 2 * block) * bf16
+    assert 7 / 8 * 2 * head * bf16 <= figures["collective_bytes"]["all-reduce"] <= 2 * 2 * head * bf16
+
+
+def test_per_chip_activations_do_not_grow_with_the_chips(tmp_path):
+    """The same batch per chip on 4 and on 8 v5e chips, an MLP-heavy model (intermediate 8192, rows of 1024
+    tokens): a chip's temporaries stay the same (within 10%), as activations are split by rows over the chips
+    (kept whole and split over the hidden dimension, the MLP's [16, 1024, 8192] intermediates would double)."""
+    model = config_dir(tmp_path / "m", hidden=512, layers=2, intermediate=8192)
+    args = ["--model_name_or_path", model, "--max_length", "1024", "--per_device_train_batch_size", "1",
+            "--pack_pairs", "pairs", "--gradient_checkpointing", "false", "--bf16", "true"]
+    four, eight = (plan.plan(options.parse(args), topology)["temp"] for topology in ("v5e:2x2", "v5e:2x4"))
+    assert eight <= 1.1 * four

@@ -140,6 +140,13 @@ def per_device_rows(f, rows, shared):
                          out_specs=jax.tree.map(lambda _: PartitionSpec(None, ROW_AXES), out))(*rows, shared)
 
 
+def platform() -> str:
+    """The platform the traced step runs on: its mesh's devices' under `activations_on` (`tpu` when `dpo-jax
+    plan` compiles for a TPU topology from a CPU host), else JAX's default backend."""
+    mesh = _ACTIVATION_MESH.get()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def rows_per_device(rows: int) -> int:
     """The rows of a batch of `rows` that one device holds under `activations_on` (all of them without it)."""
     mesh = _ACTIVATION_MESH.get()

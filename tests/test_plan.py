@@ -364,10 +364,13 @@ def test_fsdp_gathers_the_head_once_per_pass_and_reduces_its_gradient_once(tmp_p
 
 def test_per_chip_activations_do_not_grow_with_the_chips(tmp_path):
     """The same batch per chip on 4 and on 8 v5e chips, an MLP-heavy model (intermediate 8192, rows of 1024
-    tokens): a chip's temporaries stay the same (within 10%), as activations are split by rows over the chips
-    (kept whole and split over the hidden dimension, the MLP's [16, 1024, 8192] intermediates would double)."""
+    tokens): a chip's temporaries stay about the same, as activations are split by rows over the chips. Without
+    the row hints they grow 1.82x (the MLP's intermediates kept whole, split over the hidden dimension). The
+    saved activations are the same buffers on both; what differs (8 chips: 1.14x) is XLA's choice of matmul
+    algorithm per topology (on 4 chips windowed einsums over [2, 128, 8192] pieces, on 8 whole [2, 1024, 8192]
+    intermediates), hence the 1.25 bound."""
     model = config_dir(tmp_path / "m", hidden=512, layers=2, intermediate=8192)
     args = ["--model_name_or_path", model, "--max_length", "1024", "--per_device_train_batch_size", "1",
             "--pack_pairs", "pairs", "--gradient_checkpointing", "false", "--bf16", "true"]
     four, eight = (plan.plan(options.parse(args), topology)["temp"] for topology in ("v5e:2x2", "v5e:2x4"))
-    assert eight <= 1.1 * four
+    assert eight <= 1.25 * four

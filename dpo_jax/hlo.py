@@ -362,12 +362,17 @@ def _chain(instruction: Instruction) -> tuple[str, str] | None:
 
 def group_size(attributes: str) -> int | None:
     """How many devices take part in each group of a collective, from its replica_groups (XLA's mesh form
-    `mesh['axis_0'=8,'axis_1'=1] {'axis_0'}`, the iota form `[2,4]<=[8]` or explicit `{{0,1},{2,3}}`); None
-    when it does not say (all devices)."""
+    `mesh['axis_0'=8,'axis_1'=1] {'axis_0'}`, a sub-axis written `'axis_0':(2)4`, the iota form `[2,4]<=[8]`
+    or explicit `{{0,1},{2,3}}`); None when it does not say (`{}`: all devices) or cannot be read."""
     mesh = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", attributes)
     if mesh:
         sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
-        return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", mesh.group(2)))
+        total = 1
+        for name, sub in re.findall(r"'([^']+)'(?::\((?:\d+)\)(\d+))?", mesh.group(2)):
+            if not sub and name not in sizes:
+                return None
+            total *= int(sub) if sub else sizes[name]
+        return total if mesh.group(2).strip() else None
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes)
     if iota:
         return int(iota.group(2))
@@ -385,7 +390,7 @@ def _moved_bytes(computation: Computation, instruction: Instruction, kind: str) 
     if kind == "collective-permute":
         return operands
     g = group_size(instruction.attributes)
-    share = 1.0 if g is None else (g - 1) / g  # unknown groups: counted whole
+    share = 1.0 if g is None else (g - 1) / g  # groups it does not say: counted whole (an upper bound)
     if kind == "all-gather":
         result = shape_bytes(instruction.shape)
         # all-gather-start's result is the tuple (operands, results)

@@ -2,11 +2,14 @@
 
 The head runs only at the positions whose next token is a completion target: each row's targets are gathered
 to its front and the head runs over the sequence in chunks (`jax.lax.map`), skipping the chunks past the
-longest row's targets (not on the CPU, where the skip costs more than it saves). When one device's float32 logits would exceed KEEP_BYTES, each chunk of C positions runs
-under `jax.checkpoint`, so the forward pass holds one chunk's [N, C, V] logits at a time and the backward pass
-recomputes them chunk by chunk; below it the chunks' logits are kept (faster). Chunks are sized from one
-device's rows and vocabulary, and the head's weight is gathered over fsdp once for all of them. Everything
-after the head's matmul is float32, whatever the compute dtype.
+longest row's targets. On the CPU (NO_SKIP_PLATFORMS), where a skip costs more than it saves, the sequence is
+not cut into chunks for skipping, only as memory needs. When one device's float32 logits would exceed
+KEEP_BYTES, each chunk of C positions runs under `jax.checkpoint`, so the forward pass holds one chunk's
+[N, C, V] logits at a time and the backward pass recomputes them chunk by chunk; below it the chunks' logits
+are kept (faster). Chunks are sized from one device's rows and vocabulary; on a mesh each device runs the loop
+over its own rows, its shard of the head's weight gathered once for all chunks (`per_device_rows`), so the
+weight's gradient is reduced once (a reduce-scatter). Everything after the head's matmul is float32, whatever
+the compute dtype.
 
 The log-prob of token t is read from the logits at its source position (t - 1, or for prompt-sharing rows
 the prompt's last position for the first rejected token), and only for completion tokens that have one (as
@@ -20,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .sharding import constrain_rows, gather_weight, per_device_rows, platform, rows_per_device, vocab_per_device
+from .sharding import constrain_rows, per_device_rows, platform, rows_per_device, vocab_per_device
 
 # float32 logits held per chunk on one device, summed over its rows.
 CHUNK_BYTES = 512 * 2**20
@@ -129,11 +132,12 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk
     each, 0 elsewhere.
 
     The head runs only where there are targets: each row's target positions are gathered to its front, the
-    sequence is cut into chunks (at least MIN_CHUNKS), and the chunks past the longest row's targets are skipped
-    (`lax.cond` on the batch's largest target count: prompt and padding positions cost no logits). On the CPU
-    (NO_SKIP_PLATFORMS) the chunks are only as many as memory needs.
+    sequence is cut into chunks (at least MIN_CHUNKS, when T >= MIN_CHUNKS x MIN_CHUNK_LENGTH), and the chunks
+    past the longest row's targets are skipped (`lax.cond` on the batch's largest target count: prompt and
+    padding positions cost no logits, but for a chunk's rounding and rows shorter than the longest). On the CPU
+    (NO_SKIP_PLATFORMS) the chunks are only as many as memory needs; when there are several, they still skip.
     On a mesh each device runs the loop over its own rows (`per_device_rows`), so the head's weight gradient is
-    summed over the devices once per step, not once per chunk.
+    reduced once per forward and backward pass (a reduce-scatter), not all-reduced once per chunk.
     """
     n, t = targets_NxT.shape
     wide = jnp.promote_types(hidden_NxTxD.dtype, jnp.float32)  # float32 (float64 in the gradient tests)
@@ -148,10 +152,6 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk
     if k * c != t:  # pad the sequence to whole chunks; the padded positions are dropped below
         hidden_NxTxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, k * c - t), (0, 0)))
         targets_NxT = jnp.pad(targets_NxT, ((0, 0), (0, k * c - t)))
-
-    # the head's weight gathered over fsdp and cast to the compute dtype once, before the loop over chunks (an
-    # optimization barrier here would change nothing on TPU and cost XLA:CPU 6% of the bench's step)
-    weight = gather_weight(model.output_head()).astype(hidden_NxTxD.dtype)
 
     def head(hidden_NxCxD, targets_NxC, weight):
         logits_NxCxV = constrain_rows(model.logits(hidden_NxCxD, weight).astype(wide), None, "tensor")
@@ -175,13 +175,15 @@ def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk
     # would skip more, but its branches would then differ, and XLA may place collectives inside them)
     needed = valid_NxT.sum(-1).max()
 
-    def all_chunks(hidden_KxNxCxD, targets_KxNxC, shared):
-        weight, needed = shared
+    def all_chunks(hidden_KxNxCxD, targets_KxNxC, weight, needed):
         return jax.lax.map(lambda xs: chunk_or_skip(*xs, needed, weight),
                            (jnp.arange(k), hidden_KxNxCxD, targets_KxNxC))
 
+    # the head's weight gathered over fsdp and cast to the compute dtype once, before the loop over chunks (an
+    # optimization barrier on it would change nothing on TPU and cost XLA:CPU 6% of the bench's step)
     chunks = (hidden_NxTxD.reshape(n, k, c, -1).swapaxes(0, 1), targets_NxT.reshape(n, k, c).swapaxes(0, 1))
-    token_logp, mean_logit = per_device_rows(all_chunks, chunks, (weight, needed))
+    token_logp, mean_logit = per_device_rows(all_chunks, chunks, model.output_head(), hidden_NxTxD.dtype,
+                                             (needed,))
     back_NxT = jnp.argsort(order_NxT, axis=1)  # each position's place in the gathered order
     keep = valid_NxT.astype(wide)
     return tuple(jnp.take_along_axis(x.swapaxes(0, 1).reshape(n, k * c)[:, :t], back_NxT, axis=1) * keep

@@ -207,9 +207,11 @@ def plan(o, topology: str | None = None) -> dict:
     print("  collectives per chip per step: " + (", ".join(f"{k} {memory.gb(v)}" for k, v in
                                                            counted.collectives.items() if v) or "none"))
     roles = counted.roles
-    print(f"    by what they do: gathers {memory.gb(roles['gather'])} ({roles['gather'] / (2 * weights):.2f} "
-          f"bfloat16 copies of the model's {weights / 1e9:.2f}B weights), reductions {memory.gb(roles['reduce'])}, "
-          f"exchanges {memory.gb(roles['exchange'])}  (collective-permutes counted by the ring they belong to)")
+    itemsize, compute = jnp.dtype(dtype).itemsize, jnp.dtype(dtype).name
+    print(f"    by what they do: gathers {memory.gb(roles['gather'])} "
+          f"({roles['gather'] / (itemsize * weights):.2f} {compute} copies of the model's {weights / 1e9:.2f}B "
+          f"weights), reductions {memory.gb(roles['reduce'])}, exchanges {memory.gb(roles['exchange'])}  "
+          f"(collective-permutes counted by the ring they belong to)")
     print(f"  compile time {step.seconds:.1f} s")
     return figures
 

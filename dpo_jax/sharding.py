@@ -100,8 +100,7 @@ def constrain_rows(x: jax.Array, *rest: str | None) -> jax.Array:
 
 def gather_weight(variable) -> jax.Array:
     """A parameter's value gathered over fsdp (still split over tensor) while tracing under `activations_on`, as
-    its matmul uses it: done once before a loop that uses the weight in every iteration (the output head over
-    chunks), so XLA does not gather it again in each one. Its gradient is reduce-scattered once, after the loop."""
+    its matmul uses it (a sharding constraint: XLA places the gather); unchanged otherwise."""
     value = variable.get_value()
     mesh = _ACTIVATION_MESH.get()
     if mesh is None or mesh.shape["fsdp"] == 1:
@@ -110,34 +109,44 @@ def gather_weight(variable) -> jax.Array:
     return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
 
 
-def per_device_rows(f, rows, shared):
-    """`f(*rows, shared)` run by each device on its own rows, under `activations_on` a mesh whose data x fsdp
-    devices divide them: `rows` are arrays whose second axis is the batch's rows (a leading loop axis first) or
-    whose first is (1-D), `shared` arrays every device holds whole over data x fsdp (the gathered head), and
-    `f`'s results have rows on their second axis. Run so (`jax.shard_map`, manual over data and fsdp, tensor left
-    to XLA), a loop in `f` accumulates the gradient of `shared` on each device, and it is summed over the
-    devices once, after the loop; traced as one global program, every iteration's matmul over the split rows
-    would all-reduce it (an 8B model's 1 GB head, once per chunk of the head's loop). Plain `f` without a mesh."""
+def per_device_rows(f, rows, weight, dtype, shared=()):
+    """`f(*rows, weight, *shared)` run by each device on its own rows, under `activations_on` a mesh whose data x
+    fsdp devices divide them: `rows` are arrays with the batch's rows on their second axis (a loop axis first),
+    `weight` a parameter (nnx.Variable) that `f` uses whole (the output head), cast to `dtype`; `shared` arrays
+    every device holds whole (a scalar bound); `f`'s results have rows on their second axis. Each device gathers
+    its fsdp shard of the weight once, before `f`'s loop, so a loop in `f` accumulates the weight's gradient on
+    each device, and the gather's transpose reduce-scatters it over fsdp (and sums it over data) once per
+    forward and backward pass (a micro-batch; XLA:TPU runs that reduce-scatter as one all-reduce of the
+    weight, its own choice): traced as one global program, every iteration's matmul over the
+    split rows would all-reduce the whole gradient (an 8B model's 1 GB head, once per chunk of the head's loop).
+    `jax.shard_map`, manual over data and fsdp, tensor left to XLA. Without a mesh, or rows the devices do not
+    divide, plain `f` with the weight gathered by a sharding constraint."""
     mesh = _ACTIVATION_MESH.get()
     split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    if split == 1 or any(x.shape[min(1, x.ndim - 1)] % split for x in rows):
-        return f(*rows, shared)
+    if split == 1 or any(x.shape[1] % split for x in rows):
+        return f(*rows, gather_weight(weight).astype(dtype), *shared)
+    value = weight.get_value().astype(dtype)
+    spec = logical_to_spec(tuple(weight.get_metadata().get("out_sharding") or (None,) * value.ndim), value.shape,
+                           mesh)
+    split_dim = next((d for d, axis in enumerate(spec) if axis == "fsdp"), None)
 
     def local(*args):
-        # `shared` made per-device here, before `f`'s loop: the transpose of that cast is the one sum of its
-        # gradient over the devices (cast where a loop body uses it, the sum would run in every iteration)
-        *own, common = args
-        common = jax.tree.map(lambda x: jax.lax.pcast(x, ROW_AXES, to="varying"), common)
+        *own, shard, common = args
+        if split_dim is None:  # whole on every device already: made per-device (its transpose: one sum)
+            whole = jax.lax.pcast(shard, ROW_AXES, to="varying")
+        else:  # transposed: one reduce-scatter over fsdp, then a sum over data
+            whole = jax.lax.pcast(jax.lax.all_gather(shard, "fsdp", axis=split_dim, tiled=True), ("data",),
+                                  to="varying")
         with activations_on(None):  # inside, every array is one device's: no hints
-            return f(*own, common)
+            return f(*own, whole, *common)
 
-    def row_spec(x):
-        return PartitionSpec(ROW_AXES) if x.ndim == 1 else PartitionSpec(None, ROW_AXES)
-
-    out = jax.eval_shape(f, *rows, shared)
+    weight_spec = PartitionSpec(*(axis if axis == "fsdp" else None for axis in spec))  # tensor: XLA's
+    out = jax.eval_shape(lambda *a: f(*a, gather_weight(weight).astype(dtype), *shared), *rows)
     return jax.shard_map(local, mesh=mesh, axis_names=set(ROW_AXES),
-                         in_specs=(*(row_spec(x) for x in rows), jax.tree.map(lambda _: PartitionSpec(), shared)),
-                         out_specs=jax.tree.map(lambda _: PartitionSpec(None, ROW_AXES), out))(*rows, shared)
+                         in_specs=(*(PartitionSpec(None, ROW_AXES) for _ in rows), weight_spec,
+                                   tuple(PartitionSpec() for _ in shared)),
+                         out_specs=jax.tree.map(lambda _: PartitionSpec(None, ROW_AXES), out))(
+        *rows, value, tuple(shared))
 
 
 def platform() -> str:

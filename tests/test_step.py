@@ -182,13 +182,18 @@ def _run(path, mesh, steps=2, cfg=S.StepConfig(), batches=None, ref_path=None):
     return out, jax.tree.map(np.asarray, state.params), state
 
 
-@pytest.mark.parametrize("axes", [dict(data=8, fsdp=1), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)])
-def test_meshes_of_eight_equal_one_device(checkpoint, other_checkpoint, axes):
+@pytest.mark.parametrize("axes,chunk", [(dict(data=8, fsdp=1), None), (dict(data=1, fsdp=8), None),
+                                        (dict(data=2, fsdp=2, tensor=2), None),
+                                        (dict(data=1, fsdp=8), 5), (dict(data=2, fsdp=2, tensor=2), 5)])
+def test_meshes_of_eight_equal_one_device(checkpoint, other_checkpoint, axes, chunk):
+    """Also with the head in chunks of 5 positions (some skipped past the rows' targets), each device running
+    the chunk loop over its own rows and the head's gradient reduce-scattered after it."""
     path, _ = checkpoint
+    cfg = S.StepConfig(chunk=chunk)
     one_metrics, one_params, _ = _run(path, make_mesh(data=1, fsdp=1, devices=jax.devices()[:1]),
-                                      ref_path=other_checkpoint)
+                                      ref_path=other_checkpoint, cfg=cfg)
     mesh = make_mesh(**axes)
-    metrics, params, state = _run(path, mesh, ref_path=other_checkpoint)
+    metrics, params, state = _run(path, mesh, ref_path=other_checkpoint, cfg=cfg)
     assert 0 < one_metrics[0]["rewards/accuracies"] < 1
     for a, b in zip(one_metrics, metrics):
         for k in a:

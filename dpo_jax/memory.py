@@ -242,7 +242,10 @@ class Usage:
 
 
 def gb(n: int) -> str:
-    return f"{n / GB:.2f} GiB" if n >= GB / 10 else f"{n / 2**20:.1f} MiB"
+    """Bytes as GiB, MiB below a tenth of a GiB, KiB below a tenth of a MiB."""
+    if n >= GB / 10:
+        return f"{n / GB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 / 10 else f"{n / 2**10:.1f} KiB"
 
 
 def device_memory(limit_gb: float | None = None) -> tuple[int | None, str]:

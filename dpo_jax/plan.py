@@ -209,8 +209,8 @@ def plan(o, topology: str | None = None) -> dict:
     roles = counted.roles
     itemsize, compute = jnp.dtype(dtype).itemsize, jnp.dtype(dtype).name
     print(f"    by what they do: gathers {memory.gb(roles['gather'])} "
-          f"({roles['gather'] / (itemsize * weights):.2f} {compute} copies of the model's {weights / 1e9:.2f}B "
-          f"weights), reductions {memory.gb(roles['reduce'])}, exchanges {memory.gb(roles['exchange'])}  "
+          f"({roles['gather'] / (itemsize * weights):.2f} {compute} copies of the model's "
+          f"{f'{weights / 1e9:.2f}B' if weights >= 1e9 else f'{weights / 1e6:.1f}M'} weights), reductions {memory.gb(roles['reduce'])}, exchanges {memory.gb(roles['exchange'])}  "
           f"(collective-permutes counted by the ring they belong to)")
     print(f"  compile time {step.seconds:.1f} s")
     return figures

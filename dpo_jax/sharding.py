@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 
 import jax
@@ -13,6 +14,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Logical axis -> mesh axis (None = replicated). Weights are split over fsdp on their model-width side
 # and over tensor on their head / feed-forward / vocabulary side.
@@ -221,3 +224,10 @@ def check_mesh(mesh: jax.sharding.Mesh, config, *, per_device_batch: int) -> Non
                         f"over {jax.process_count()} processes; make data x fsdp a multiple of the process count")
     if per_device_batch < 1:
         raise UserError("per_device_train_batch_size must be at least 1")
+    fsdp = mesh.shape["fsdp"]
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if fsdp > 1 and width and width % fsdp:
+        # logical_to_spec leaves a dimension its mesh axis does not divide whole on every device
+        log.warning("mesh fsdp=%d does not divide the model's width %d: its weights stay whole on every device "
+                    "(no FSDP); use an fsdp size that divides %d, and put the other devices on data", fsdp, width,
+                    width)

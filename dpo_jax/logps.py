@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .models.attention import TokenMask
 from .sharding import constrain_rows, per_device_rows, platform, rows_per_device, vocab_per_device
 
 # float32 logits held per chunk on one device, summed over its rows.
@@ -54,11 +55,13 @@ def head_chunks(length: int, rows: int, vocab: int) -> tuple[int, bool]:
 
 def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Array,
                    completion_mask_NxT: jax.Array, positions_NxT: jax.Array,
-                   chunk: int | None = None) -> dict[str, jax.Array]:
+                   chunk: int | None = None, attn_implementation: str = "auto") -> dict[str, jax.Array]:
     """Per sequence, float32 [N]: `logps` (sum of completion-token log-probs), `tokens` (how many), and
-    `logit_sum` (sum over those tokens of the mean logit over the vocabulary, for TRL's logits/* metrics)."""
+    `logit_sum` (sum over those tokens of the mean logit over the vocabulary, for TRL's logits/* metrics).
+    `attn_implementation`: see models/attention.py."""
     t = input_ids_NxT.shape[1]
-    hidden_NxTxD = model.hidden_states(input_ids_NxT, attention_mask_NxT, positions_NxT)
+    hidden_NxTxD = model.hidden_states(input_ids_NxT, attention_mask_NxT, positions_NxT,
+                                      attn_implementation=attn_implementation)
     source_NxT = jnp.broadcast_to(jnp.arange(t) - 1, input_ids_NxT.shape)  # token t is predicted at t - 1
     valid_NxT = (completion_mask_NxT == 1) & (source_NxT >= 0)
     logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, valid_NxT, chunk)
@@ -66,22 +69,14 @@ def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Arra
     return {"logps": (logp * mask).sum(-1), "tokens": mask.sum(-1), "logit_sum": (mean_logit * mask).sum(-1)}
 
 
-def shared_prefix_mask(branch_NxT: jax.Array) -> jax.Array:
-    """[N, T, T] attention of prompt-sharing rows: causal, and a chosen (1) or rejected (2) token sees the prompt
-    (0) and its own branch only; padding (-1) sees and is seen by nothing."""
-    t = branch_NxT.shape[1]
-    q, k = branch_NxT[:, :, None], branch_NxT[:, None, :]
-    causal = jnp.tril(jnp.ones((t, t), bool))[None]
-    return causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
-
-
 def shared_prefix_logps(model, input_ids_NxT: jax.Array, branch_NxT: jax.Array, positions_NxT: jax.Array,
-                        chunk: int | None = None) -> dict[str, jax.Array]:
+                        chunk: int | None = None, attn_implementation: str = "auto") -> dict[str, jax.Array]:
     """As `sequence_logps`, for rows holding prompt + chosen + rejected (see batching.py); results are [N, 2]
     (chosen, rejected). The prompt is computed once; the first rejected token is predicted from the prompt's
     last position, as in its own sequence."""
     t = input_ids_NxT.shape[1]
-    hidden_NxTxD = model.hidden_states(input_ids_NxT, shared_prefix_mask(branch_NxT), positions_NxT)
+    hidden_NxTxD = model.hidden_states(input_ids_NxT, TokenMask.from_branches(branch_NxT), positions_NxT,
+                                      attn_implementation=attn_implementation)
     prompt_N = (branch_NxT == 0).sum(-1, keepdims=True)
     first_rejected_N = prompt_N + (branch_NxT == 1).sum(-1, keepdims=True)
     index_T = jnp.arange(t)[None]
@@ -94,20 +89,16 @@ def shared_prefix_logps(model, input_ids_NxT: jax.Array, branch_NxT: jax.Array, 
     return out
 
 
-def packed_mask(branch_RxL: jax.Array, segment_RxL: jax.Array) -> jax.Array:
-    """[R, L, L] attention of packed rows: prompt-sharing pairs (`shared_prefix_mask`) that do not see each other."""
-    same = segment_RxL[:, :, None] == segment_RxL[:, None, :]
-    return shared_prefix_mask(branch_RxL) & same
-
-
 def packed_logps(model, input_ids_RxL: jax.Array, branch_RxL: jax.Array, segment_RxL: jax.Array,
                  positions_RxL: jax.Array, pair_row_B: jax.Array, pair_slot_B: jax.Array,
-                 chunk: int | None = None) -> dict[str, jax.Array]:
-    """As `shared_prefix_logps`, for rows holding several pairs (segment = the pair's slot in its row); results
+                 chunk: int | None = None, attn_implementation: str = "auto") -> dict[str, jax.Array]:
+    """As `shared_prefix_logps`, for rows holding several pairs that do not see each other (segment = the pair's
+    slot in its row); results
     are [B, 2] in pair order, read at (pair_row, pair_slot)."""
     r, t = input_ids_RxL.shape
     slots = pair_row_B.shape[0]  # at most one pair per slot: slots per row <= pairs in the batch
-    hidden = model.hidden_states(input_ids_RxL, packed_mask(branch_RxL, segment_RxL), positions_RxL)
+    hidden = model.hidden_states(input_ids_RxL, TokenMask.from_branches(branch_RxL, segment_RxL), positions_RxL,
+                                attn_implementation=attn_implementation)
     onehot_RxLxK = segment_RxL[:, :, None] == jnp.arange(slots)
     start_RxK = jnp.argmax(onehot_RxLxK, axis=1)
     prompt_RxK = (onehot_RxLxK & (branch_RxL == 0)[..., None]).sum(1)

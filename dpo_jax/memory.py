@@ -165,7 +165,8 @@ def compile_step(o, config, ref_config, mesh, dtype, tx, *, length: int, rows: i
 
     run = abstract_run(o, config, ref_config, mesh, dtype, tx, length=length, rows=rows, remat=remat)
     cfg = S.StepConfig(loss=o.loss, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
-                       gradient_checkpointing=remat, lora=o.lora.use_peft, seed=o.run.seed)
+                       gradient_checkpointing=remat, lora=o.lora.use_peft, seed=o.run.seed,
+                       attn_implementation=o.run.attn_implementation)
     fn = S.compile_train_step(run.graphdef, run.ref_graphdef, cfg, tx, mesh, run.state, run.ref)
     start = time.perf_counter()
     try:

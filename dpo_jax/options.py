@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import DataConfig, check_range, check_seed
 from .errors import UserError
 from .losses import LOSSES, LossConfig
+from .models.attention import IMPLEMENTATIONS
 from .step import SCHEDULES, OptimConfig
 
 
@@ -63,6 +64,7 @@ class RunConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
     mesh: str = "fsdp=-1"  # data=2,fsdp=-1,tensor=1 style; -1 takes the remaining devices
     pack_pairs: str = "packed"  # packed (pairs share rows, each prompt once), shared_prefix (a row per pair) or pairs
+    attn_implementation: str = "auto"  # auto, eager (whole [T, T] scores) or blockwise (flash-style): see README
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
     memory_limit_gb: float | None = None  # per-device memory to plan for; default: what the device reports
@@ -101,7 +103,7 @@ CHOICES = {
     "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
     "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
     "distributed": ("auto", "true", "false"), "save_strategy": ("steps", "no"),
-    "ref_dtype": ("auto", "float32", "bfloat16"),
+    "ref_dtype": ("auto", "float32", "bfloat16"), "attn_implementation": IMPLEMENTATIONS,
 }
 
 

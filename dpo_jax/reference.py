@@ -99,7 +99,7 @@ def cache_key(ref_params: nnx.State, config, pairs: Pairs, compute_dtype, layout
 
 def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_token_id: int,
                chunk: int | None = None, cache_dirs: list[Path] = (), key: str | None = None,
-               mesh=None, layout: str = "pairs") -> np.ndarray:
+               mesh=None, layout: str = "pairs", attn_implementation: str = "auto") -> np.ndarray:
     """The reference's (chosen, rejected) log-probs of every pair: read from the first cache directory that has
     `key`, else computed in one ordered pass and written to every cache directory (atomically). With a `mesh`
     the batches are split over its data x fsdp devices; with several processes each builds its own rows and
@@ -118,7 +118,7 @@ def precompute(ref_graphdef, ref_params, pairs: Pairs, *, batch_size: int, pad_t
     batches = BatchIterator(pairs, global_batch_size=batch_size, pad_token_id=pad_token_id, shuffle=False,
                             process_index=jax.process_index(), process_count=jax.process_count(), layout=layout,
                             row_multiple=max(1, devices // jax.process_count()), num_buckets=1)  # one length
-    fn = functools.partial(_ref_logps, ref_graphdef, chunk=chunk)
+    fn = functools.partial(_ref_logps, ref_graphdef, chunk=chunk, attn_implementation=attn_implementation)
     if mesh is None:
         step = jax.jit(fn)
     else:  # the values replicated, so that every process reads the whole batch's
@@ -165,13 +165,14 @@ def _table_problem(table: np.ndarray, n_pairs: int) -> str | None:
     return None if np.isfinite(table).all() else "holds non-finite values"
 
 
-def _ref_logps(graphdef, params, batch: dict, chunk: int | None) -> jax.Array:
+def _ref_logps(graphdef, params, batch: dict, chunk: int | None, attn_implementation: str) -> jax.Array:
     """`params` is the state to merge, or a tuple of states (LoRA: zeroed adapters and the base weights)."""
     from .step import layout_forward
 
     forward, rows = layout_forward(batch)
     states = params if isinstance(params, tuple) else (params,)
-    return forward(nnx.merge(graphdef, *states), *rows, chunk=chunk)["logps"].reshape(-1, 2)
+    return forward(nnx.merge(graphdef, *states), *rows, chunk=chunk,
+                   attn_implementation=attn_implementation)["logps"].reshape(-1, 2)
 
 
 def _save(path: Path, table: np.ndarray) -> None:

@@ -62,6 +62,7 @@ class StepConfig:
     loss: LossConfig = LossConfig()
     gradient_accumulation_steps: int = 1
     chunk: int | None = None  # positions per head chunk in logps.py (None: from a memory budget)
+    attn_implementation: str = "auto"  # auto, eager or blockwise: see models/attention.py
     gradient_checkpointing: bool = True  # recompute each decoder block in the backward pass (TRL's default)
     lora: bool = False  # params are LoRA adapters and ref_params the frozen base (see lora.py)
     seed: int = 42  # for LoRA dropout
@@ -195,7 +196,7 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
     else:
         policy_model = nnx.merge(graphdef, params)
         ref_model = None if ref_params is None else nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params))
-    pol = {k: v.reshape(b, 2) for k, v in forward(policy_model, *rows, chunk=cfg.chunk).items()}
+    pol = {k: v.reshape(b, 2) for k, v in forward(policy_model, *rows, chunk=cfg.chunk, attn_implementation=cfg.attn_implementation).items()}
     if cfg.loss.reference_free or all(name in losses.REFERENCE_FREE for name, _ in cfg.loss.terms()):
         ref = jnp.zeros((b, 2), pol["logps"].dtype)
     elif "ref_logps" in batch:
@@ -203,7 +204,7 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
     elif ref_model is None:
         raise UserError("no reference: give reference parameters, precomputed ref_logps, or reference_free")
     else:
-        ref_out = forward(ref_model, *rows, chunk=cfg.chunk)
+        ref_out = forward(ref_model, *rows, chunk=cfg.chunk, attn_implementation=cfg.attn_implementation)
         ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
     if "lengths" in batch:
         length = batch["lengths"]

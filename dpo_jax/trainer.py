@@ -85,7 +85,8 @@ def hold_frozen(params, dtype):
 
 def step_config(o: Options) -> S.StepConfig:
     return S.StepConfig(loss=o.loss, gradient_accumulation_steps=o.run.gradient_accumulation_steps,
-                        gradient_checkpointing=o.run.gradient_checkpointing, lora=o.lora.use_peft, seed=o.run.seed)
+                        gradient_checkpointing=o.run.gradient_checkpointing, lora=o.lora.use_peft, seed=o.run.seed,
+                        attn_implementation=o.run.attn_implementation)
 
 
 def with_layout(o: Options) -> Options:
@@ -353,7 +354,8 @@ class Trainer:
                 key = reference.cache_key(ref, ref_config, pairs, self.dtype, self.o.run.pack_pairs)
                 batches.ref_logps = reference.precompute(ref_graphdef, ref, pairs, batch_size=batch, pad_token_id=pad,
                                                          cache_dirs=dirs, key=key, mesh=self.mesh,
-                                                         layout=self.o.run.pack_pairs)
+                                                         layout=self.o.run.pack_pairs,
+                                                         attn_implementation=self.o.run.attn_implementation)
         if self.ref_graphdef:
             self.ref_graphdef, self.ref = None, None
 

@@ -121,7 +121,8 @@ class GemmaForCausalLM(nnx.Module):
                  positions: jax.Array | None = None, cache: KVCache | None = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions, cache))
 
-    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None) -> jax.Array:
+    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None, *,
+                      attn_implementation: str = "auto") -> jax.Array:
         b, t = input_ids_BxT.shape
         mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.embed_tokens(input_ids_BxT)
@@ -130,7 +131,7 @@ class GemmaForCausalLM(nnx.Module):
         # sliding and global layers differ only in scanned data: their window and RoPE frequencies
         per_layer = {"inv_freq": self.config.inv_freqs, "window": window_values(self.config.sliding_windows)}
         x = run_blocks(self.layers, x, mask, positions, per_layer=per_layer, cache=cache,
-                       remat=self.remat and cache is None)
+                       remat=self.remat and cache is None, implementation=attn_implementation)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import (Embed, KVCache, LayerNorm, Linear, activation, attention, mask_and_positions, run_blocks,
+from .attention import eager_attention, self_attention
+from .layers import (Embed, KVCache, LayerNorm, Linear, activation, mask_and_positions, run_blocks,
                      stacked, wide)
 
 MODEL_TYPES = ("gpt2",)
@@ -52,14 +53,18 @@ class Attention(nnx.Module):
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd, ("q_heads", "embed"), **kw)
         self.heads = cfg.n_head
 
-    def __call__(self, x_BxTxD, mask_BxTxS, cache=None, *, scale):
-        """`scale`: this layer's score scale (it may depend on the layer: `attention_scales`)."""
+    def __call__(self, x_BxTxD, mask, positions_BxT, cache=None, *, scale, implementation="auto"):
+        """`mask`: a TokenMask, or with a cache its [B, T, S] mask; `scale`: this layer's score scale (it may
+        depend on the layer: `attention_scales`); `implementation`: see attention.py."""
         b, t, d = x_BxTxD.shape
         q, k, v = jnp.split(self.c_attn(x_BxTxD), 3, axis=-1)
         q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
         if cache is not None:
             k, v = cache.write(k, v)
-        return self.c_proj(attention(q, k, v, mask_BxTxS, scale=scale).reshape(b, t, d))
+            out = eager_attention(q, k, v, mask, scale=scale)
+        else:
+            out = self_attention(q, k, v, mask, positions_BxT, scale=scale, implementation=implementation)
+        return self.c_proj(out.reshape(b, t, d))
 
 
 class MLP(nnx.Module):
@@ -87,8 +92,9 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x_BxTxD, mask_BxTxS, cache=None, *, scale):
-        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask_BxTxS, cache, scale=scale)
+    def __call__(self, x_BxTxD, mask, positions_BxT, cache=None, *, scale, implementation="auto"):
+        x_BxTxD = x_BxTxD + self.attn(self.ln_1(x_BxTxD), mask, positions_BxT, cache, scale=scale,
+                                      implementation=implementation)
         return x_BxTxD + self.mlp(self.ln_2(x_BxTxD))
 
 
@@ -110,12 +116,13 @@ class GPT2LMHeadModel(nnx.Module):
                  positions: jax.Array | None = None, cache: KVCache | None = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions, cache))
 
-    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None) -> jax.Array:
+    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None, *,
+                      attn_implementation: str = "auto") -> jax.Array:
         b, t = input_ids_BxT.shape
         mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.wte(input_ids_BxT) + self.wpe(positions)
-        x = run_blocks(self.h, x, mask, per_layer={"scale": attention_scales(self.config)}, cache=cache,
-                       remat=self.remat and cache is None)
+        x = run_blocks(self.h, x, mask, positions, per_layer={"scale": attention_scales(self.config)}, cache=cache,
+                       remat=self.remat and cache is None, implementation=attn_implementation)
         if cache is not None:
             cache.advance(t)
         return self.ln_f(x)

@@ -19,10 +19,7 @@ from flax import nnx
 
 from ..errors import CheckpointError
 from ..sharding import constrain_rows
-
-# A large finite negative instead of -inf: a fully masked row (a padding query) then gives a finite
-# uniform softmax instead of NaN, and its output is ignored anyway.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from .attention import TokenMask, eager_attention, self_attention, wide
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -89,11 +86,6 @@ class Embed(nnx.Module):
         embedding = self.embedding[...] if embedding is None else embedding
         return jnp.dot(x_BxTxD.astype(self.dtype), embedding.astype(self.dtype).T,
                        preferred_element_type=wide(self.dtype))
-
-
-def wide(dtype) -> jnp.dtype:
-    """float32, or the dtype itself when it is wider (float64 models in the finite-difference tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -202,41 +194,29 @@ def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: tuple[f
 # Masks and attention
 
 
-def default_positions(attention_mask_BxT: jax.Array | None, batch: int, length: int) -> jax.Array:
+def default_positions(attention_mask_BxT: "jax.Array | TokenMask | None", batch: int, length: int) -> jax.Array:
     """Position ids that count only real tokens, so left padding does not shift a sequence's positions.
 
-    With no mask, or a ready [B, T, T] mask, positions are 0..T-1 (pass `positions` for packed rows).
+    With no mask, or a TokenMask, positions are 0..T-1 (pass `positions` for packed or prompt-sharing rows).
     """
-    if attention_mask_BxT is None or attention_mask_BxT.ndim == 3:
+    if attention_mask_BxT is None or isinstance(attention_mask_BxT, TokenMask):
         return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def build_mask(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
-    """A boolean [B, T, T] mask (True = may attend) from `attention_mask`.
-
-    `attention_mask` may be None (all tokens real), a [B, T] padding mask (1 = real token) which is combined
-    with the causal mask, or a ready [B, T, T] mask used as given (for packed or prefix-shared rows the
-    caller builds causality and segment structure itself).
-    """
-    if attention_mask is not None and attention_mask.ndim == 3:
-        return attention_mask.astype(bool)
-    causal_TxT = jnp.tril(jnp.ones((length, length), dtype=bool))
-    if attention_mask is None:
-        return jnp.broadcast_to(causal_TxT, (batch, length, length))
-    return causal_TxT[None] & attention_mask.astype(bool)[:, None, :]
-
-
-def mask_and_positions(attention_mask: jax.Array | None, positions: jax.Array | None, batch: int, length: int,
-                       cache: "KVCache | None" = None) -> tuple[jax.Array, jax.Array]:
-    """A forward's attention mask and positions (see build_mask and default_positions). With a cache, the
-    mask covers the cache's slots and `attention_mask` can only be a [B, T] padding mask; give `positions`
-    for tokens after the prompt."""
+def mask_and_positions(attention_mask: "jax.Array | TokenMask | None", positions: jax.Array | None, batch: int,
+                       length: int, cache: "KVCache | None" = None) -> tuple["TokenMask | jax.Array", jax.Array]:
+    """A forward's attention mask and positions (see default_positions). Without a cache, a TokenMask:
+    `attention_mask` is one already, or None (all tokens real), or a [B, T] padding mask (1 = real token).
+    With a cache, the boolean [B, T, S] mask over the cache's slots; `attention_mask` can then only be a
+    [B, T] padding mask; give `positions` for tokens after the prompt."""
     if positions is None:
         positions = default_positions(attention_mask, batch, length)
     if cache is not None:
         return cache.extend(positions, attention_mask), positions
-    return build_mask(attention_mask, batch, length), positions
+    if isinstance(attention_mask, TokenMask):
+        return attention_mask, positions
+    return TokenMask.from_padding(attention_mask, batch, length), positions
 
 
 def sliding_window_mask(mask_BxTxS: jax.Array, positions_BxT: jax.Array, window: int | None,
@@ -320,23 +300,6 @@ class LayerCache:
                 jax.lax.dynamic_index_in_dim(self.values, self.layer, keepdims=False))
 
 
-def attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, mask_BxTxS: jax.Array, *,
-              scale: float | jax.Array, softcap: float | None = None) -> jax.Array:
-    """Grouped-query dot-product attention; scores and softmax in float32. Returns [B, T, H, E]."""
-    b, t, h, e = q_BxTxHxE.shape
-    k = k_BxSxKxE.shape[2]
-    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
-                        preferred_element_type=wide(q_BxTxHxE.dtype))
-    scores = scores * (scale if isinstance(scale, (int, float)) else jnp.asarray(scale, scores.dtype))
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
-    return out.reshape(b, t, h, e)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Blocks shared by the Llama and Gemma families
 
@@ -360,9 +323,11 @@ class SelfAttention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scale, self.softcap = scale, softcap
 
-    def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array, positions_BxT: jax.Array,
-                 cache: "LayerCache | None" = None, *, inv_freq, window=None) -> jax.Array:
-        """`inv_freq`: RoPE inverse frequencies [E/2]; `window`: the sliding window (None: full attention)."""
+    def __call__(self, x_BxTxD: jax.Array, mask: "TokenMask | jax.Array", positions_BxT: jax.Array,
+                 cache: "LayerCache | None" = None, *, inv_freq, window=None,
+                 implementation: str = "auto") -> jax.Array:
+        """`mask`: a TokenMask, or with a cache its [B, T, S] mask; `inv_freq`: RoPE inverse frequencies
+        [E/2]; `window`: the sliding window (None: full attention); `implementation`: see attention.py."""
         b, t, _ = x_BxTxD.shape
         q = self.q_proj(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
@@ -371,12 +336,13 @@ class SelfAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_BxT, inv_freq)
         k = apply_rope(k, positions_BxT, inv_freq)
-        key_positions = None
         if cache is not None:  # attend over every cached key: S = the cache's length
             k, v = cache.write(k, v)
-            key_positions = cache.key_positions
-        mask = sliding_window_mask(mask_BxTxS, positions_BxT, window, key_positions)
-        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+            mask = sliding_window_mask(mask, positions_BxT, window, cache.key_positions)
+            out = eager_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        else:
+            out = self_attention(q, k, v, mask, positions_BxT, scale=self.scale, softcap=self.softcap,
+                                 window=window, implementation=implementation)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
 
 
@@ -436,10 +402,11 @@ def block_output(block: nnx.Module, x_BxTxD: jax.Array, *args, **kwargs) -> jax.
 
 
 def run_blocks(blocks: nnx.Module, x_BxTxD: jax.Array, *args, per_layer: dict[str, tuple] | None = None,
-               cache: KVCache | None = None, remat: bool = False) -> jax.Array:
+               cache: KVCache | None = None, remat: bool = False, **same) -> jax.Array:
     """Apply stacked blocks (`stacked`) in order: one `jax.lax.scan` over their layer axis, each step a block
-    called with `args`, its layer's `cache` part and its `per_layer` values (name -> one value per layer; a
-    value the same in every layer is passed as it is, the others become scanned arrays).
+    called with `args`, its layer's `cache` part, its `per_layer` values (name -> one value per layer; a
+    value the same in every layer is passed as it is, the others become scanned arrays) and the keyword
+    arguments `same` (static settings such as the attention implementation).
 
     With `remat` each step is under `jax.checkpoint`: the backward pass keeps only each block's input and
     recomputes the rest. The scan is what makes XLA keep that promise: blocks checkpointed one after the other
@@ -447,7 +414,7 @@ def run_blocks(blocks: nnx.Module, x_BxTxD: jax.Array, *args, per_layer: dict[st
     saved (XLA:CPU). Without `remat` the backward pass keeps the matmuls' outputs (SAVE_WITHOUT_REMAT)."""
     graphdef, state = nnx.split(blocks)
     count = jax.tree.leaves(state)[0].shape[0]
-    fixed, scanned = {}, {}
+    fixed, scanned = dict(same), {}
     for name, values in (per_layer or {}).items():
         if len(values) != count:
             raise ValueError(f"per_layer {name!r}: {len(values)} values for {count} layers")

@@ -97,8 +97,9 @@ class LlamaForCausalLM(nnx.Module):
     """`model(input_ids, attention_mask=None, positions=None) -> logits [B, T, V]`.
 
     `attention_mask` is None, a [B, T] padding mask (1 = real token; combined with the causal mask) or a
-    ready boolean [B, T, T] mask. `positions` default to counting real tokens only, so left padding does
-    not shift them (transformers counts padding unless given `position_ids`).
+    `TokenMask` (attention.py: segments and branches, for packed and prompt-sharing rows). `positions`
+    default to counting real tokens only, so left padding does not shift them (transformers counts padding
+    unless given `position_ids`).
     """
 
     def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -116,15 +117,17 @@ class LlamaForCausalLM(nnx.Module):
                  positions: jax.Array | None = None, cache: KVCache | None = None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids_BxT, attention_mask, positions, cache))
 
-    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None) -> jax.Array:
-        """The final-norm hidden states [B, T, D], before the output head."""
+    def hidden_states(self, input_ids_BxT, attention_mask=None, positions=None, cache=None, *,
+                      attn_implementation: str = "auto") -> jax.Array:
+        """The final-norm hidden states [B, T, D], before the output head; `attn_implementation`: see
+        attention.py (the KV cache's forwards use eager attention)."""
         b, t = input_ids_BxT.shape
         mask, positions = mask_and_positions(attention_mask, positions, b, t, cache)
         x = self.embed_tokens(input_ids_BxT)
         per_layer = {"inv_freq": (self.config.inv_freq,) * self.config.num_layers,
                      "window": window_values(self.config.sliding_windows)}
         x = run_blocks(self.layers, x, mask, positions, per_layer=per_layer, cache=cache,
-                       remat=self.remat and cache is None)
+                       remat=self.remat and cache is None, implementation=attn_implementation)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

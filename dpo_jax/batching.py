@@ -1,14 +1,31 @@
 """Host-side batches for a jitted step: truncate, mask the prompt, pad to a length bucket, in a resumable order.
 
-A batch is a dict of numpy arrays; the pair axis keeps chosen (0) and rejected (1) of a pair together:
+Every layout gives one batch type, a dict of numpy arrays; the layouts differ only in what the rows hold:
 
-    input_ids, attention_mask, completion_mask, position_ids   int32 [B, 2, T]
-    pair_mask                                                  int32 [B]     1 for a real pair, 0 for filler
-    index                                                      int32 [B]     the pair's index in `Pairs`, -1 filler
+    input_ids, position_ids   int32 [R, L]  token ids, and positions (a rejected branch restarts after its prompt)
+    segment                   int32 [R, L]  which pair of its micro-batch the token belongs to; -1 padding
+    branch                    int32 [R, L]  0 prompt, 1 chosen, 2 rejected; -1 padding
+    source                    int32 [R, L]  for a loss target, the position in the row whose logits predict it;
+                                            -1 for every other token
+    pair_mask                 int32 [B]     1 for a real pair, 0 for filler
+    index                     int32 [B]     the pair's index in `Pairs`, -1 filler
+    ref_logps               float32 [B, 2]  the reference's (chosen, rejected) log-probs, when precomputed
 
-`completion_mask` marks the completion tokens (EOS included) in `input_ids`, as TRL's collator; the log-prob
-of token t comes from the logits at t - 1. T is one of a few bucket lengths fixed for the run, so the step
-compiles once per bucket. The last batch of an epoch is filled up with filler pairs rather than dropped.
+Layouts (`pack_pairs`): `pairs` gives each pair two rows (prompt + chosen, prompt + rejected), R = 2B, as TRL;
+`shared_prefix` one row per pair (prompt, chosen, rejected; R = B); `packed` several such pairs per row, in
+segments of their own. Attention follows from segment and branch (models/attention.py), the per-pair sums
+from segment and branch (logps.batch_logps), so the step has one code path for all three.
+
+A token is a loss target when it is a completion token (EOS included, as TRL's completion_mask) with a token
+before it in its branch or prompt: its `source` is the previous token's position, or for the first rejected
+token of a prompt-sharing row the prompt's last position (a completion's first token counts only when the
+prompt is not empty, as TRL's `completion_mask[..., 1:]`).
+
+With gradient accumulation k, the step puts row r and pair b of the global batch in micro-batch r % k and
+b % k; `segment` numbers each micro-batch's pairs from 0 (pair b is pair b // k of its micro-batch) and the
+rows of a micro-batch's pair are in that micro-batch. L is one of a few bucket lengths fixed for the run, so
+the step compiles once per bucket. The last batch of an epoch is filled up with filler pairs rather than
+dropped.
 """
 
 from __future__ import annotations
@@ -193,6 +210,46 @@ def choose_buckets(lengths: np.ndarray, count: int, multiple: int, max_length: i
     return tuple(int(values[i]) for i in choice[n - 1])
 
 
+def pair_sources(branch: np.ndarray) -> np.ndarray:
+    """Loss-target sources (see the module's docstring) of one pair's tokens, in their order: a prompt (0)
+    followed by a chosen (1) and/or a rejected (2) branch. Positions from the pair's first token; -1: none."""
+    source = np.arange(len(branch)) - 1
+    prompt = int((branch == 0).sum())
+    first_rejected = prompt + int((branch == 1).sum())
+    if first_rejected < len(branch):  # predicted from the prompt's last token, as in its own sequence
+        source[first_rejected] = prompt - 1
+    source[branch == 0] = -1
+    return source.astype(np.int32)
+
+
+def plain_rows(input_ids_Bx2xT: np.ndarray, attention_mask_Bx2xT: np.ndarray, completion_mask_Bx2xT: np.ndarray,
+               *, first_pair: int = 0, micro_batches: int = 1) -> dict[str, np.ndarray]:
+    """The `pairs` layout's rows from per-sequence arrays (right padding; chosen at [:, 0], rejected at [:, 1]):
+    input_ids, position_ids, segment, branch and source, [2B, T] each. `first_pair`: the global batch index of
+    the first pair (a process's first); with `micro_batches` k, pair g's two rows are rows (2 (g // k) + s) k
+    + g % k of the global batch and its segment g // k."""
+    b, _, t = input_ids_Bx2xT.shape
+    k = micro_batches
+    g = first_pair + np.arange(b)
+    rows = (2 * (g // k)[:, None] + np.arange(2)[None]) * k + (g % k)[:, None] - 2 * first_pair  # [B, 2]
+    real = attention_mask_Bx2xT.astype(bool)
+    completion = completion_mask_Bx2xT.astype(bool) & real
+    index = np.arange(t)
+    previous_real = np.concatenate([np.zeros((b, 2, 1), bool), real[..., :-1]], axis=-1)
+    per_sequence = {
+        "input_ids": input_ids_Bx2xT,
+        "position_ids": np.maximum(np.cumsum(real, axis=-1) - 1, 0),
+        "segment": np.where(real, (g // k)[:, None, None], -1),
+        "branch": np.where(real, np.where(completion, np.arange(1, 3)[None, :, None], 0), -1),
+        "source": np.where(completion & previous_real, index - 1, -1),
+    }
+    out = {}
+    for name, x in per_sequence.items():
+        out[name] = np.empty((2 * b, t), np.int32)
+        out[name][rows.reshape(-1)] = x.reshape(2 * b, t)
+    return out
+
+
 class BatchIterator:
     """Batches of `global_batch_size` pairs in a seeded order, epoch after epoch; this process's rows only.
 
@@ -287,18 +344,16 @@ class BatchIterator:
         if self.layout == "shared_prefix":
             return self._shared_batch(local, length)
         shape = (len(local), 2, length)
-        out = {"input_ids": np.full(shape, self.pad, np.int32), "attention_mask": np.zeros(shape, np.int32),
-               "completion_mask": np.zeros(shape, np.int32), "pair_mask": (local >= 0).astype(np.int32),
-               "index": local.astype(np.int32)}
+        ids, attention, completion = (np.full(shape, self.pad, np.int32), np.zeros(shape, np.int32),
+                                      np.zeros(shape, np.int32))
         for r, i in enumerate(local):
             if i < 0:
                 continue
             for s, which in enumerate(("chosen", "rejected")):
-                ids, mask = self.pairs.sequence(int(i), which)
-                out["input_ids"][r, s, :len(ids)] = ids
-                out["attention_mask"][r, s, :len(ids)] = 1
-                out["completion_mask"][r, s, :len(ids)] = mask
-        out["position_ids"] = np.maximum(np.cumsum(out["attention_mask"], axis=-1) - 1, 0).astype(np.int32)
+                seq, mask = self.pairs.sequence(int(i), which)
+                ids[r, s, :len(seq)], attention[r, s, :len(seq)], completion[r, s, :len(seq)] = seq, 1, mask
+        out = plain_rows(ids, attention, completion, first_pair=self.local.start, micro_batches=self.micro_batches)
+        out.update(pair_mask=(local >= 0).astype(np.int32), index=local.astype(np.int32))
         return self._with_ref(out, local)
 
     def _with_ref(self, out: dict, local: np.ndarray) -> dict:
@@ -307,54 +362,50 @@ class BatchIterator:
             out["ref_logps"] = np.where((local >= 0)[:, None], self.ref_logps[np.maximum(local, 0)], 0)
         return out
 
+    def _empty_rows(self, rows: int, length: int) -> dict[str, np.ndarray]:
+        return {"input_ids": np.full((rows, length), self.pad, np.int32),
+                **{k: np.full((rows, length), -1, np.int32) for k in ("segment", "branch", "source")},
+                "position_ids": np.zeros((rows, length), np.int32)}
+
+    def _place_pair(self, out: dict, row: int, start: int, i: int, segment: int) -> int:
+        """Pair i's prompt-sharing tokens into `row` from `start`, in `segment`; returns where they end."""
+        ids, branch, positions = self.pairs.shared_row(i)
+        span = slice(start, start + len(ids))
+        source = pair_sources(branch)
+        out["input_ids"][row, span], out["branch"][row, span], out["position_ids"][row, span] = ids, branch, positions
+        out["segment"][row, span] = segment
+        out["source"][row, span] = np.where(source >= 0, source + start, -1)
+        return start + len(ids)
+
     def _shared_batch(self, local: np.ndarray, length: int) -> dict[str, np.ndarray]:
-        """One row per pair: prompt, chosen, rejected; `branch` says which (-1 padding); positions restart
-        after the prompt for the rejected tokens, which the step's mask keeps from seeing the chosen ones."""
-        shape = (len(local), length)
-        out = {"input_ids": np.full(shape, self.pad, np.int32), "branch": np.full(shape, -1, np.int32),
-               "position_ids": np.zeros(shape, np.int32), "pair_mask": (local >= 0).astype(np.int32),
-               "index": local.astype(np.int32)}
+        """One row per pair: prompt, chosen, rejected (see `Pairs.shared_row`)."""
+        out = self._empty_rows(len(local), length)
         for r, i in enumerate(local):
-            if i < 0:
-                continue
-            ids, branch, positions = self.pairs.shared_row(int(i))
-            out["input_ids"][r, :len(ids)], out["branch"][r, :len(ids)] = ids, branch
-            out["position_ids"][r, :len(ids)] = positions
+            if i >= 0:
+                self._place_pair(out, r, 0, int(i), (self.local.start + r) // self.micro_batches)
+        out.update(pair_mask=(local >= 0).astype(np.int32), index=local.astype(np.int32))
         return self._with_ref(out, local)
 
     def _packed_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Several prompt-sharing pairs per row of the run's one row length L (first-fit decreasing), each in
-        its own `segment` (its slot in the row; -1 padding); `pair_row` / `pair_slot` say where pair b went.
+        """Several prompt-sharing pairs per row of the run's one row length L (balanced packing), each in its
+        own segment.
 
-        Each process packs its own pairs, and within them each micro-batch's pairs separately: the step puts
-        pair i * k + j and row i * k + j in micro-batch j, so `pair_row` counts rows within the micro-batch,
-        across processes. The rows per micro-batch and their length, the same everywhere, come from `_packing`."""
+        Each process packs its own pairs, and within them each micro-batch's pairs separately: micro-batch j's
+        m-th row is local row m * k + j. The rows per micro-batch and their length, the same everywhere, come
+        from `_packing`."""
         k = self.micro_batches
         rows, packings, longest = self._packing(indices)
         length = self.bucket_for(max(longest, 1))
         local, packing = np.array_split(indices, self.process_count)[self.process_index], packings[self.process_index]
-        b, total = len(local), rows * k
-        out = {"input_ids": np.full((total, length), self.pad, np.int32),
-               "branch": np.full((total, length), -1, np.int32), "segment": np.full((total, length), -1, np.int32),
-               "position_ids": np.zeros((total, length), np.int32), "pair_row": np.zeros(b, np.int32),
-               "pair_slot": np.zeros(b, np.int32), "pair_mask": (local >= 0).astype(np.int32),
-               "index": local.astype(np.int32), "lengths": np.zeros((b, 2), np.int32),
-               "chosen_targets": np.zeros(b, np.int32)}
+        first = self.process_index * len(local)  # the global batch index of this process's first pair
+        out = self._empty_rows(rows * k, length)
         where = {int(i): n for n, i in enumerate(local)}
         for j, group in enumerate(packing):
             for m, members in enumerate(group):
-                r, start = m * k + j, 0  # local row of micro-batch j's m-th row
-                for slot, i in enumerate(members):
-                    ids, branch, positions = self.pairs.shared_row(int(i))
-                    prompt, chosen = int((branch == 0).sum()), int((branch == 1).sum())
-                    span = slice(start, start + len(ids))
-                    out["input_ids"][r, span], out["branch"][r, span], out["segment"][r, span] = ids, branch, slot
-                    out["position_ids"][r, span] = positions
-                    n = where[int(i)]
-                    out["pair_row"][n], out["pair_slot"][n] = self.process_index * rows + m, slot
-                    out["lengths"][n] = chosen, len(ids) - prompt - chosen
-                    out["chosen_targets"][n] = chosen - (prompt == 0)  # a first token needs a prompt before it
-                    start += len(ids)
+                start = 0
+                for i in members:
+                    start = self._place_pair(out, m * k + j, start, int(i), (first + where[int(i)]) // k)
+        out.update(pair_mask=(local >= 0).astype(np.int32), index=local.astype(np.int32))
         return self._with_ref(out, local)
 
     def _packing(self, indices: np.ndarray) -> tuple[int, list, int]:

@@ -138,7 +138,7 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
     steps: list[dict] = []
 
     def on_step(step, batch, start, end):
-        real = batch["attention_mask"] > 0 if "attention_mask" in batch else batch["branch"] >= 0
+        real = batch["segment"] >= 0
         steps.append({"step": step, "epoch": (step - 1) // trainer.batches.steps_per_epoch, "seconds": end - start,
                       "pairs": int(batch["pair_mask"].sum()), "tokens": int(real.sum()),
                       "flops": token_flops(batch["position_ids"][real].astype(np.float64), matmul, d["layers"], width,

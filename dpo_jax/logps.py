@@ -11,9 +11,10 @@ over its own rows, its shard of the head's weight gathered once for all chunks (
 weight's gradient is reduced once (a reduce-scatter). Everything after the head's matmul is float32, whatever
 the compute dtype.
 
-The log-prob of token t is read from the logits at its source position (t - 1, or for prompt-sharing rows
-the prompt's last position for the first rejected token), and only for completion tokens that have one (as
-TRL's `completion_mask[..., 1:]`: a completion's first token is not counted when the prompt is empty).
+The log-prob of token t is read from the logits at its source position (batching.py's `source`: t - 1, or for
+prompt-sharing rows the prompt's last position for the first rejected token), and only for completion tokens
+that have one (as TRL's `completion_mask[..., 1:]`: a completion's first token is not counted when the prompt
+is empty). The per-pair sums are segment sums over (pair, branch), whatever the rows' layout.
 """
 
 from __future__ import annotations
@@ -53,69 +54,27 @@ def head_chunks(length: int, rows: int, vocab: int) -> tuple[int, bool]:
     return chunk_length(length, rows, vocab), True
 
 
-def sequence_logps(model, input_ids_NxT: jax.Array, attention_mask_NxT: jax.Array,
-                   completion_mask_NxT: jax.Array, positions_NxT: jax.Array,
-                   chunk: int | None = None, attn_implementation: str = "auto") -> dict[str, jax.Array]:
-    """Per sequence, float32 [N]: `logps` (sum of completion-token log-probs), `tokens` (how many), and
-    `logit_sum` (sum over those tokens of the mean logit over the vocabulary, for TRL's logits/* metrics).
-    `attn_implementation`: see models/attention.py."""
-    t = input_ids_NxT.shape[1]
-    hidden_NxTxD = model.hidden_states(input_ids_NxT, attention_mask_NxT, positions_NxT,
-                                      attn_implementation=attn_implementation)
-    source_NxT = jnp.broadcast_to(jnp.arange(t) - 1, input_ids_NxT.shape)  # token t is predicted at t - 1
-    valid_NxT = (completion_mask_NxT == 1) & (source_NxT >= 0)
-    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, valid_NxT, chunk)
-    mask = valid_NxT.astype(logp.dtype)
-    return {"logps": (logp * mask).sum(-1), "tokens": mask.sum(-1), "logit_sum": (mean_logit * mask).sum(-1)}
+def batch_logps(model, batch: dict, pairs: int, chunk: int | None = None,
+                attn_implementation: str = "auto") -> dict[str, jax.Array]:
+    """Per pair, float32 [pairs, 2] (chosen, rejected), for a batch of batching.py's type (any layout):
+    `logps` (sum of the target tokens' log-probs), `tokens` (how many targets), `logit_sum` (sum over the
+    targets of the mean logit over the vocabulary, for TRL's logits/* metrics) and `length` (completion tokens,
+    as TRL's completion_mask.sum). The sums are segment sums over (pair, branch). `attn_implementation`: see
+    models/attention.py."""
+    ids_RxL, segment_RxL, branch_RxL, source_RxL = (batch[k] for k in ("input_ids", "segment", "branch", "source"))
+    hidden_RxLxD = model.hidden_states(ids_RxL, TokenMask(segment_RxL, branch_RxL), batch["position_ids"],
+                                       attn_implementation=attn_implementation)
+    valid_RxL = source_RxL >= 0
+    logp, mean_logit = _target_logps(model, hidden_RxLxD, source_RxL, ids_RxL, valid_RxL, chunk)
+    completion_RxL = (segment_RxL >= 0) & (branch_RxL > 0)
+    slot_RxL = jnp.where(completion_RxL, 2 * segment_RxL + branch_RxL - 1, 2 * pairs)  # 2 * pairs: nowhere
 
+    def per_pair(values_RxL):
+        sums = jax.ops.segment_sum(values_RxL.reshape(-1), slot_RxL.reshape(-1), num_segments=2 * pairs + 1)
+        return sums[:-1].reshape(pairs, 2)
 
-def shared_prefix_logps(model, input_ids_NxT: jax.Array, branch_NxT: jax.Array, positions_NxT: jax.Array,
-                        chunk: int | None = None, attn_implementation: str = "auto") -> dict[str, jax.Array]:
-    """As `sequence_logps`, for rows holding prompt + chosen + rejected (see batching.py); results are [N, 2]
-    (chosen, rejected). The prompt is computed once; the first rejected token is predicted from the prompt's
-    last position, as in its own sequence."""
-    t = input_ids_NxT.shape[1]
-    hidden_NxTxD = model.hidden_states(input_ids_NxT, TokenMask.from_branches(branch_NxT), positions_NxT,
-                                      attn_implementation=attn_implementation)
-    prompt_N = (branch_NxT == 0).sum(-1, keepdims=True)
-    first_rejected_N = prompt_N + (branch_NxT == 1).sum(-1, keepdims=True)
-    index_T = jnp.arange(t)[None]
-    source_NxT = jnp.where((branch_NxT == 2) & (index_T == first_rejected_N), prompt_N - 1, index_T - 1)
-    targets_NxT = (branch_NxT > 0) & (source_NxT >= 0)
-    logp, mean_logit = _target_logps(model, hidden_NxTxD, source_NxT, input_ids_NxT, targets_NxT, chunk)
-    out = {}
-    for name, value in (("logps", logp), ("tokens", jnp.ones_like(logp)), ("logit_sum", mean_logit)):
-        out[name] = jnp.stack([(value * ((branch_NxT == b) & (source_NxT >= 0))).sum(-1) for b in (1, 2)], -1)
-    return out
-
-
-def packed_logps(model, input_ids_RxL: jax.Array, branch_RxL: jax.Array, segment_RxL: jax.Array,
-                 positions_RxL: jax.Array, pair_row_B: jax.Array, pair_slot_B: jax.Array,
-                 chunk: int | None = None, attn_implementation: str = "auto") -> dict[str, jax.Array]:
-    """As `shared_prefix_logps`, for rows holding several pairs that do not see each other (segment = the pair's
-    slot in its row); results
-    are [B, 2] in pair order, read at (pair_row, pair_slot)."""
-    r, t = input_ids_RxL.shape
-    slots = pair_row_B.shape[0]  # at most one pair per slot: slots per row <= pairs in the batch
-    hidden = model.hidden_states(input_ids_RxL, TokenMask.from_branches(branch_RxL, segment_RxL), positions_RxL,
-                                attn_implementation=attn_implementation)
-    onehot_RxLxK = segment_RxL[:, :, None] == jnp.arange(slots)
-    start_RxK = jnp.argmax(onehot_RxLxK, axis=1)
-    prompt_RxK = (onehot_RxLxK & (branch_RxL == 0)[..., None]).sum(1)
-    chosen_RxK = (onehot_RxLxK & (branch_RxL == 1)[..., None]).sum(1)
-    seg = jnp.maximum(segment_RxL, 0)
-    start, prompt, chosen = (jnp.take_along_axis(x, seg, axis=1) for x in (start_RxK, prompt_RxK, chosen_RxK))
-    index = jnp.arange(t)[None]
-    first_rejected = (branch_RxL == 2) & (index == start + prompt + chosen)
-    source = jnp.where(first_rejected, start + prompt - 1, index - 1)
-    valid = (segment_RxL >= 0) & (source >= start)
-    logp, mean_logit = _target_logps(model, hidden, source, input_ids_RxL, valid & (branch_RxL > 0), chunk)
-    out = {}
-    for name, value in (("logps", logp), ("tokens", jnp.ones_like(logp)), ("logit_sum", mean_logit)):
-        per_slot = jnp.stack([jnp.einsum("rl,rlk->rk", value * (valid & (branch_RxL == b)), onehot_RxLxK.astype(value.dtype))
-                              for b in (1, 2)], -1)  # [R, K, 2]
-        out[name] = per_slot[pair_row_B, pair_slot_B]
-    return out
+    return {"logps": per_pair(logp), "tokens": per_pair(valid_RxL.astype(logp.dtype)),
+            "logit_sum": per_pair(mean_logit), "length": per_pair(completion_RxL.astype(logp.dtype))}
 
 
 def _target_logps(model, hidden_NxTxD, source_NxT, targets_NxT, valid_NxT, chunk):

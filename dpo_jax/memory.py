@@ -102,16 +102,10 @@ def batch_shapes(layout: str, pairs: int, length: int, rows: int | None = None,
     """{name: (shape, dtype)} of a global batch of `pairs` pairs in batching.py's `layout` with rows of
     `length` tokens (`rows`: the packed layout's row count, default one row per pair)."""
     i32 = np.int32
-    if layout == "pairs":
-        out = {k: ((pairs, 2, length), i32) for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")}
-    elif layout == "shared_prefix":
-        out = {k: ((pairs, length), i32) for k in ("input_ids", "branch", "position_ids")}
-    elif layout == "packed":
-        out = {k: ((rows or pairs, length), i32) for k in ("input_ids", "branch", "segment", "position_ids")}
-        out.update({k: ((pairs,), i32) for k in ("pair_row", "pair_slot", "chosen_targets")})
-        out["lengths"] = ((pairs, 2), i32)
-    else:
+    if layout not in ("pairs", "shared_prefix", "packed"):
         raise UserError(f"pack_pairs must be pairs, shared_prefix or packed, not {layout!r}")
+    row_count = {"pairs": 2 * pairs, "shared_prefix": pairs, "packed": rows or pairs}[layout]
+    out = {k: ((row_count, length), i32) for k in ("input_ids", "position_ids", "segment", "branch", "source")}
     out["pair_mask"] = ((pairs,), i32)
     if ref_logps:
         out["ref_logps"] = ((pairs, 2), np.float32)

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .batching import BatchIterator, Pairs
+from .logps import batch_logps
 
 CACHE_ENV = "DPO_JAX_CACHE"  # default: ~/.cache/dpo_jax
 logger = logging.getLogger(__name__)
@@ -167,12 +168,9 @@ def _table_problem(table: np.ndarray, n_pairs: int) -> str | None:
 
 def _ref_logps(graphdef, params, batch: dict, chunk: int | None, attn_implementation: str) -> jax.Array:
     """`params` is the state to merge, or a tuple of states (LoRA: zeroed adapters and the base weights)."""
-    from .step import layout_forward
-
-    forward, rows = layout_forward(batch)
     states = params if isinstance(params, tuple) else (params,)
-    return forward(nnx.merge(graphdef, *states), *rows, chunk=chunk,
-                   attn_implementation=attn_implementation)["logps"].reshape(-1, 2)
+    return batch_logps(nnx.merge(graphdef, *states), batch, batch["pair_mask"].shape[0], chunk=chunk,
+                       attn_implementation=attn_implementation)["logps"]
 
 
 def _save(path: Path, table: np.ndarray) -> None:

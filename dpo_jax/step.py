@@ -1,10 +1,10 @@
 """The DPO training and evaluation steps: pure functions, jitted once each in `compile_train_step` /
 `compile_eval_step` with explicit shardings, the training state donated (never the reference).
 
-A batch is `batching.py`'s dict ([B, 2, T] arrays, chosen and rejected of a pair together), optionally with
-`ref_logps` [B, 2] when the reference log-probs were precomputed. The step flattens it to 2B rows and runs the
-policy once over all of them. With gradient accumulation k, row i * k + j of the global batch belongs to
-micro-batch j, so every device holds part of every micro-batch; gradients are summed over micro-batches,
+A batch is `batching.py`'s dict, one type for every layout ([R, L] token rows with per-token segment, branch
+and loss-target sources; [B] per-pair arrays), optionally with `ref_logps` [B, 2] when the reference log-probs
+were precomputed. The policy runs once over all rows. With gradient accumulation k, row i * k + j and pair
+i * k + j of the global batch belong to micro-batch j, so every device holds part of every micro-batch; gradients are summed over micro-batches,
 with every loss normalised by the counts of the whole global batch, so k micro-batches of b pairs give the
 same update as one batch of k * b (except for `aot` / `aot_unpaired`, which sort within a micro-batch).
 """
@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import losses, sharding
 from .config import check_range
 from .errors import UserError
-from .logps import packed_logps, sequence_logps, shared_prefix_logps
+from .logps import batch_logps
 from .losses import LossConfig, PairLogps
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -164,28 +164,12 @@ def check_finite(nonfinite_run: int, max_nonfinite_steps: int, saved: Path | Non
 
 
 # ------------------------------------------------------------------------------------------------ the maths
-def _rows(batch: dict) -> tuple:
-    """[B, 2, T] -> [2B, T] rows (chosen and rejected of pair i are rows 2i and 2i + 1)."""
-    return tuple(batch[k].reshape(-1, batch[k].shape[-1])
-                 for k in ("input_ids", "attention_mask", "completion_mask", "position_ids"))
-
-
-def layout_forward(batch: dict):
-    """(forward, its row arguments) for a batch of any of batching.py's layouts; `forward(model, *rows,
-    chunk=...)` gives per-pair [B, 2] values (sequence_logps: [2B], chosen and rejected alternating)."""
-    if "segment" in batch:  # several prompt-sharing pairs per row
-        return packed_logps, (batch["input_ids"], batch["branch"], batch["segment"], batch["position_ids"],
-                              batch["pair_row"], batch["pair_slot"])
-    if "branch" in batch:  # one prompt-sharing row per pair
-        return shared_prefix_logps, (batch["input_ids"], batch["branch"], batch["position_ids"])
-    return sequence_logps, _rows(batch)
-
-
 def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: StepConfig, salt=None):
     """PairLogps of a (micro-)batch and the per-pair logit sums (chosen, rejected). `salt` (training only)
     draws the LoRA dropout masks; without it there is no dropout."""
     b = batch["pair_mask"].shape[0]
-    forward, rows = layout_forward(batch)
+    forward = functools.partial(batch_logps, batch=batch, pairs=b, chunk=cfg.chunk,
+                                attn_implementation=cfg.attn_implementation)
     if cfg.lora:  # the policy is base + adapters; the reference the same base with the adapters zeroed
         from .lora import dropout_keys
 
@@ -196,7 +180,7 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
     else:
         policy_model = nnx.merge(graphdef, params)
         ref_model = None if ref_params is None else nnx.merge(ref_graphdef, jax.lax.stop_gradient(ref_params))
-    pol = {k: v.reshape(b, 2) for k, v in forward(policy_model, *rows, chunk=cfg.chunk, attn_implementation=cfg.attn_implementation).items()}
+    pol = forward(policy_model)
     if cfg.loss.reference_free or all(name in losses.REFERENCE_FREE for name, _ in cfg.loss.terms()):
         ref = jnp.zeros((b, 2), pol["logps"].dtype)
     elif "ref_logps" in batch:
@@ -204,15 +188,8 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
     elif ref_model is None:
         raise UserError("no reference: give reference parameters, precomputed ref_logps, or reference_free")
     else:
-        ref_out = forward(ref_model, *rows, chunk=cfg.chunk, attn_implementation=cfg.attn_implementation)
-        ref = jax.lax.stop_gradient(ref_out["logps"].reshape(b, 2))
-    if "lengths" in batch:
-        length = batch["lengths"]
-    elif "branch" in batch:
-        length = jnp.stack([(batch["branch"] == s).sum(-1) for s in (1, 2)], -1)
-    else:
-        length = batch["completion_mask"].sum(-1)
-    length = length.astype(ref.dtype)
+        ref = jax.lax.stop_gradient(forward(ref_model)["logps"])
+    length = pol["length"].astype(ref.dtype)
     p = PairLogps(chosen=pol["logps"][:, 0], rejected=pol["logps"][:, 1], ref_chosen=ref[:, 0],
                   ref_rejected=ref[:, 1], chosen_tokens=pol["tokens"][:, 0], rejected_tokens=pol["tokens"][:, 1],
                   chosen_length=length[:, 0], rejected_length=length[:, 1],
@@ -223,15 +200,8 @@ def pair_logps(graphdef, params, ref_graphdef, ref_params, batch: dict, cfg: Ste
 def batch_counts(batch: dict) -> dict[str, jax.Array]:
     """Denominators of the losses, from the whole global batch: real pairs and their chosen target tokens."""
     pair_mask = batch["pair_mask"].astype(jnp.float32)
-    if "chosen_targets" in batch:
-        chosen_targets = batch["chosen_targets"].astype(jnp.float32)
-    elif "branch" in batch:
-        branch = batch["branch"]
-        has_source = (branch == 0).any(-1, keepdims=True) | (jnp.arange(branch.shape[1]) > 0)
-        chosen_targets = ((branch == 1) & has_source).sum(-1).astype(jnp.float32)
-    else:
-        chosen_targets = batch["completion_mask"][:, 0, 1:].sum(-1).astype(jnp.float32)
-    return {"pairs": pair_mask.sum(), "chosen_tokens": (chosen_targets * pair_mask).sum()}
+    chosen_targets = ((batch["branch"] == 1) & (batch["source"] >= 0)).astype(jnp.float32)  # none in filler
+    return {"pairs": pair_mask.sum(), "chosen_tokens": chosen_targets.sum()}
 
 
 def _micro_loss(params, graphdef, ref_graphdef, ref_params, micro: dict, counts: dict, cfg: StepConfig,

@@ -192,7 +192,7 @@ def device_batch(batch: dict, mesh) -> dict:
 
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens the model reads for this batch."""
-    return int(batch["attention_mask"].sum() if "attention_mask" in batch else (batch["branch"] >= 0).sum())
+    return int((batch["segment"] >= 0).sum())
 
 
 class Trainer:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from dpo_jax.batching import BatchIterator, Pairs, Truncation, choose_buckets
+from dpo_jax.batching import BatchIterator, Pairs, Truncation, choose_buckets, pair_sources
 from dpo_jax.errors import UserError
 
 BOS, EOS, PAD = 1, 2, 0
@@ -116,18 +116,25 @@ def test_every_batch_is_padded_to_a_bucket():
     for _ in range(3 * batches.steps_per_epoch):
         batch = next(batches)
         shapes.add(batch["input_ids"].shape)
-        assert batch["input_ids"].shape[2] in batches.buckets
+        assert batch["input_ids"].shape[1] in batches.buckets and batch["input_ids"].shape[0] == 8
         real = batch["pair_mask"] == 1
-        lengths = batch["attention_mask"].sum(-1)
-        assert (batch["completion_mask"] <= batch["attention_mask"]).all()
-        assert (batch["input_ids"][batch["attention_mask"] == 0] == PAD).all()
-        assert (lengths[real] > 0).all() and (lengths[~real] == 0).all()
-        for b in np.flatnonzero(real):  # each row is exactly the pair's sequence, padded on the right
+        padding = batch["segment"] < 0
+        assert (batch["input_ids"][padding] == PAD).all() and (batch["branch"][padding] == -1).all()
+        assert (batch["source"][padding] == -1).all()
+        for b in range(4):  # pair b's chosen and rejected are rows 2b and 2b + 1, padded on the right
+            if not real[b]:
+                assert padding[2 * b:2 * b + 2].all()
+                continue
             for s, which in enumerate(("chosen", "rejected")):
                 ids, mask = pairs.sequence(int(batch["index"][b]), which)
-                assert batch["input_ids"][b, s, :len(ids)].tolist() == ids.tolist()
-                assert batch["completion_mask"][b, s, :len(ids)].tolist() == mask.tolist()
-                assert batch["position_ids"][b, s, :len(ids)].tolist() == list(range(len(ids)))
+                row = {k: batch[k][2 * b + s] for k in batch if batch[k].ndim == 2}
+                assert row["input_ids"][:len(ids)].tolist() == ids.tolist()
+                assert (row["segment"][:len(ids)] == b).all() and (row["segment"][len(ids):] == -1).all()
+                assert row["branch"][:len(ids)].tolist() == np.where(mask == 1, s + 1, 0).tolist()
+                assert row["position_ids"][:len(ids)].tolist() == list(range(len(ids)))
+                # a completion token is predicted from the token before it, when there is one
+                want = [t - 1 if mask[t] and t > 0 else -1 for t in range(len(ids))]
+                assert row["source"][:len(ids)].tolist() == want
     assert len(shapes) <= 3
 
 
@@ -184,7 +191,8 @@ def test_process_slices_are_disjoint_and_complete(processes):
     for _ in range(2 * whole.steps_per_epoch):
         want = next(whole)
         got = [next(p) for p in parts]
-        assert all(g["input_ids"].shape == (8 // processes,) + want["input_ids"].shape[1:] for g in got)
+        rows, length = want["input_ids"].shape
+        assert all(g["input_ids"].shape == (rows // processes, length) for g in got)
         for key in want:  # the process slices, stacked in process order, are the global batch
             assert np.array_equal(np.concatenate([g[key] for g in got]), want[key])
         indices = [set(g["index"][g["index"] >= 0].tolist()) for g in got]
@@ -216,20 +224,60 @@ def test_packed_rows_hold_every_pair_once(processes):
             for k, i in enumerate(g["index"]):
                 if i < 0:
                     continue
-                # pair_row counts rows of the global batch (process p's rows come after p's predecessors')
-                row, slot = g["pair_row"][k] - p * g["input_ids"].shape[0], g["pair_slot"][k]
+                # the segment is the pair's index in the global batch (process p's pairs after p's predecessors')
+                here = g["segment"] == p * len(g["index"]) + k
+                row = int(np.flatnonzero(here.any(axis=1))[0])
+                here = here[row]
                 ids, branch, positions = pairs.shared_row(int(i))
                 chosen, _ = pairs.sequence(int(i), "chosen")
                 rejected, _ = pairs.sequence(int(i), "rejected")
                 prompt = int((branch == 0).sum())
                 assert ids.tolist() == chosen.tolist() + rejected[prompt:].tolist()
                 assert positions.tolist() == list(range(len(chosen))) + list(range(prompt, len(rejected)))
-                here = g["segment"][row] == slot
                 assert g["input_ids"][row][here].tolist() == ids.tolist()
                 assert g["branch"][row][here].tolist() == branch.tolist()
                 assert g["position_ids"][row][here].tolist() == positions.tolist()
-            used = sum(int((g["segment"][r] >= 0).sum()) for r in range(g["segment"].shape[0]))
+                start = int(np.flatnonzero(here)[0])
+                source = pair_sources(branch)
+                assert g["source"][row][here].tolist() == np.where(source >= 0, source + start, -1).tolist()
+            used = int((g["segment"] >= 0).sum())
             assert used == sum(len(pairs.shared_row(int(i))[0]) for i in g["index"] if i >= 0)
+
+
+def test_pair_sources_of_prompt_sharing_and_plain_pairs():
+    """The first rejected token is predicted from the prompt's last token; a first token without a prompt
+    before it, and prompt tokens, are not targets."""
+    assert pair_sources(np.array([0, 0, 1, 1, 2, 2, 2])).tolist() == [-1, -1, 1, 2, 1, 4, 5]
+    assert pair_sources(np.array([1, 1, 2, 2])).tolist() == [-1, 0, -1, 2]
+    assert pair_sources(np.array([0, 2, 2])).tolist() == [-1, 0, 1]
+
+
+@pytest.mark.parametrize("layout", ["pairs", "shared_prefix", "packed"])
+def test_micro_batches_hold_their_pairs_rows(layout):
+    """With 2 micro-batches and 2 processes: the global batch's rows r and pairs b of micro-batch r % 2 and
+    b % 2, each micro-batch's segments numbering its pairs from 0, and each pair's tokens exactly in its
+    segment (the contract the step's split and segment sums rely on), in every layout."""
+    pairs = random_pairs(24, max_len=16)
+    parts = [BatchIterator(pairs, global_batch_size=8, pad_token_id=PAD, layout=layout, micro_batches=2,
+                           process_index=p, process_count=2, shuffle=False) for p in range(2)]
+    local = [p.batch(0, 1) for p in parts]
+    batch = {k: np.concatenate([b[k] for b in local]) for k in local[0]}
+    shared = layout != "pairs"
+    for j in range(2):
+        rows = {k: batch[k][j::2] for k in ("input_ids", "segment", "branch")}
+        for i, index in enumerate(batch["index"][j::2]):
+            mine = rows["segment"] == i
+            if index < 0:
+                assert not mine.any()
+                continue
+            chosen, _ = pairs.sequence(int(index), "chosen")
+            rejected, _ = pairs.sequence(int(index), "rejected")
+            if shared:
+                (row,) = np.flatnonzero(mine.any(axis=1))
+                assert rows["input_ids"][row][mine[row]].tolist() == pairs.shared_row(int(index))[0].tolist()
+            else:
+                got = [rows["input_ids"][r][mine[r]].tolist() for r in np.flatnonzero(mine.any(axis=1))]
+                assert got == [chosen.tolist(), rejected.tolist()]
 
 
 def test_packed_row_counts_are_multiples_of_the_devices():

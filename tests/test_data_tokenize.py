@@ -113,10 +113,11 @@ def our_sequences(rows, tokenizer, max_length, tmp_path, truncation_mode="keep_s
         batch = next(batches)
         for b in np.flatnonzero(batch["pair_mask"]):
             seqs = []
-            for s in range(2):
-                real = batch["attention_mask"][b, s] == 1
+            for s in range(2):  # pair b's chosen and rejected: rows 2b and 2b + 1
+                real = batch["segment"][2 * b + s] >= 0
                 assert real[:real.sum()].all(), "padding is on the right"
-                seqs += [batch["input_ids"][b, s][real].tolist(), batch["completion_mask"][b, s][real].tolist()]
+                completion = (batch["branch"][2 * b + s][real] > 0).astype(int)
+                seqs += [batch["input_ids"][2 * b + s][real].tolist(), completion.tolist()]
             out.append(tuple(seqs))
     return out, pairs
 

@@ -101,7 +101,7 @@ def test_full_fine_tune_on_v5e(tmp_path, capsys):
     weights = sum(tpu_bytes(s) for s in params)
     scalars = 3 + scalars_of_the_optimizer(o)  # step, nonfinite_run, nonfinite_total and the optimizer's counts
     pairs, row = 8, 256  # a row per pair per chip; prompt, chosen and rejected in 2 x max_length
-    batch = 3 * tpu_bytes((pairs, row)) + tpu_bytes((pairs,))  # input_ids, branch, position_ids; pair_mask
+    batch = 5 * tpu_bytes((pairs, row)) + tpu_bytes((pairs,))  # input_ids, position_ids, segment, branch, source; pair_mask
     assert figures["argument"] == 3 * weights + held_frozen(params, layers=2) + scalars * tpu_bytes(()) + batch
     assert figures["chips"] == 4 and figures["topology"] == "v5e:2x2" and figures["hbm"] == 16 * 2**30
     assert figures["fits"] is True and figures["total"] == figures["argument"] + figures["output"] \
@@ -129,7 +129,7 @@ def test_lora_on_v5p(tmp_path, capsys):
     params, adapters = param_shapes(model, mesh, lora_rank=128)
     keys = len(adapters) // 2  # one dropout key per layer (uint32 [layers, 2], replicated) per adapted linear
     scalars = 3 + scalars_of_the_optimizer(o)
-    batch = 4 * tpu_bytes((1, 2, 128)) + tpu_bytes((1,))
+    batch = 5 * tpu_bytes((2, 128)) + tpu_bytes((1,))  # a pair's two rows: ids, positions, segment, branch, source
     expected = 3 * sum(tpu_bytes(s) for s in adapters) + held_frozen(params) \
         + keys * tpu_bytes((1, 2)) + scalars * tpu_bytes(()) + batch
     assert figures["argument"] == expected
@@ -140,12 +140,12 @@ def test_lora_on_v5p(tmp_path, capsys):
 
 
 def test_a_step_that_does_not_fit(tmp_path, capsys):
-    """The compiler refuses a step above a v5e chip's 16 GiB (attention scores of 64 rows of 4096 tokens, no
-    remat): plan says so with XLA's largest buffers and what to change, and exits 1."""
+    """The compiler refuses a step above a v5e chip's 16 GiB (eager attention's scores of 64 rows of 4096 tokens,
+    no remat): plan says so with XLA's largest buffers and what to change, and exits 1."""
     model = config_dir(tmp_path / "m", hidden=512, layers=1)
     status = main(["plan", "--model_name_or_path", model, "--topology", "v5litepod-4", "--max_length", "4096",
                    "--per_device_train_batch_size", "32", "--pack_pairs", "pairs", "--gradient_checkpointing",
-                   "false", "--output_json", str(tmp_path / "plan.json")])
+                   "false", "--attn_implementation", "eager", "--output_json", str(tmp_path / "plan.json")])
     out = capsys.readouterr().out
     assert status == 1 and "DOES NOT FIT" in out
     assert "--gradient_checkpointing true" in out and "--use_peft true" in out

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 import dpo_jax
-from dpo_jax.logps import sequence_logps
+from dpo_jax.batching import plain_rows
+from dpo_jax.logps import batch_logps
 from tiny_models import batch, make_model, positions
+
+
+def sequence_logps(model, ids, attention, completion, _positions=None):
+    """batch_logps of each row as a pair's chosen (its rejected the same row): [N]."""
+    rows = plain_rows(*(np.repeat(np.asarray(x)[:, None], 2, axis=1) for x in (ids, attention, completion)))
+    return {k: v[:, 0] for k, v in batch_logps(model, jax.tree.map(jnp.asarray, rows), len(ids)).items()}
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied_linear_rope", "gpt2"])
@@ -72,6 +79,6 @@ def test_reference_held_in_bfloat16_scores_as_the_float32_weights_do(tmp_path, n
         dtypes = {v.get_value().dtype for v in weights if is_matrix(v)}
         assert dtypes == {jnp.dtype(jnp.bfloat16 if ref_dtype == "auto" else jnp.float32)}
         assert {v.get_value().dtype for v in weights if not is_matrix(v)} == {jnp.dtype(jnp.float32)}
-        forward = jax.jit(lambda ref, *r: sequence_logps(nnx.merge(models.ref_graphdef, ref), *r)["logps"])
-        got[ref_dtype] = np.asarray(forward(models.ref, *rows))
+        forward = jax.jit(lambda ref: sequence_logps(nnx.merge(models.ref_graphdef, ref), *rows)["logps"])
+        got[ref_dtype] = np.asarray(forward(models.ref))
     np.testing.assert_array_equal(got["auto"], got["float32"])

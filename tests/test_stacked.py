@@ -44,9 +44,9 @@ def test_the_compiled_step_copies_no_weights(remat, fsdp):
     params, ref = S.shard_params(params, mesh), S.shard_params(ref, mesh)
     tx = S.make_optimizer(S.OptimConfig(), 10)
     state = S.init_state(params, tx)
-    shape = (fsdp, 2, 32)
+    shape = (2 * fsdp, 32)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=S.batch_sharding(mesh))
-             for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")}
+             for k in ("input_ids", "position_ids", "segment", "branch", "source")}
     batch["pair_mask"] = jax.ShapeDtypeStruct((fsdp,), jnp.int32, sharding=S.batch_sharding(mesh))
     hlo = S.compile_train_step(graphdef, ref_graphdef, cfg, tx, mesh, state, ref).lower(
         state, ref, batch).compile().as_text()

@@ -14,7 +14,8 @@ from flax import nnx
 import tiny_models
 from dpo_jax import from_pretrained
 from dpo_jax import step as S
-from dpo_jax.logps import sequence_logps
+from dpo_jax.batching import plain_rows
+from dpo_jax.logps import batch_logps
 from dpo_jax.losses import LossConfig
 from dpo_jax.sharding import make_mesh
 
@@ -36,8 +37,9 @@ def other_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def make_batch(b=8, t=16, seed=0, vocab=128):
-    """Pairs with different prompt and completion lengths, right padding, one filler pair."""
+def make_sequences(b=8, t=16, seed=0, vocab=128):
+    """input_ids, attention_mask, completion_mask [B, 2, T] of pairs with different prompt and completion
+    lengths, right padding, one filler pair (the last)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (b, 2, t)).astype(np.int32)
     attention = np.zeros((b, 2, t), np.int32)
@@ -48,12 +50,22 @@ def make_batch(b=8, t=16, seed=0, vocab=128):
             n = rng.integers(prompt + 1, t + 1)
             attention[i, s, :n] = 1
             completion[i, s, prompt:n] = 1
-    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
-             "position_ids": np.maximum(np.cumsum(attention, -1) - 1, 0).astype(np.int32),
-             "pair_mask": np.ones(b, np.int32)}
+    completion[-1] = attention[-1] = 0
+    return ids, attention, completion
+
+
+def make_batch(b=8, t=16, seed=0, vocab=128, micro_batches=1):
+    """make_sequences' pairs as a step's batch (batching.py's pairs layout)."""
+    batch = plain_rows(*make_sequences(b, t, seed, vocab), micro_batches=micro_batches)
+    batch["pair_mask"] = np.ones(b, np.int32)
     batch["pair_mask"][-1] = 0
-    batch["completion_mask"][-1] = batch["attention_mask"][-1] = 0
     return batch
+
+
+def sequence_logps(model, ids, attention, completion, chunk=None):
+    """batch_logps of [B, 2, T] sequences: [B, 2] (chosen, rejected)."""
+    rows = jax.tree.map(jnp.asarray, plain_rows(np.asarray(ids), np.asarray(attention), np.asarray(completion)))
+    return batch_logps(model, rows, ids.shape[0], chunk=chunk)
 
 
 def load(path, **kw):
@@ -63,9 +75,10 @@ def load(path, **kw):
 @pytest.mark.parametrize("chunk", [1, 4, 16])
 def test_chunked_logps_equal_transformers_log_softmax(checkpoint, chunk):
     path, torch_model = checkpoint
-    batch = make_batch()
-    rows = [batch[k].reshape(-1, 16) for k in ("input_ids", "attention_mask", "completion_mask", "position_ids")]
-    ours = sequence_logps(load(path), *map(jnp.asarray, rows), chunk=chunk)
+    sequences = make_sequences()
+    ours = {k: v.reshape(-1) for k, v in sequence_logps(load(path), *sequences, chunk=chunk).items()}
+    rows = [x.reshape(-1, 16) for x in sequences]
+    rows.append(np.maximum(np.cumsum(rows[1], -1) - 1, 0))
     ids, attention, completion, positions = (torch.tensor(r, dtype=torch.long) for r in rows)
     with torch.no_grad():
         logits = torch_model(input_ids=ids, attention_mask=attention, position_ids=positions).logits.double()
@@ -91,7 +104,10 @@ def test_long_prompts_short_completions_logps_equal_transformers(checkpoint, chu
         attention[i, :prompt + n] = 1
         completion[i, prompt:prompt + n] = 1
     rows = [ids, attention, completion, np.maximum(np.cumsum(attention, -1) - 1, 0).astype(np.int32)]
-    ours = jax.jit(lambda m, *r: sequence_logps(m, *r, chunk=chunk))(load(path), *map(jnp.asarray, rows))
+    model = load(path)
+    batch = jax.tree.map(jnp.asarray, plain_rows(*(x.reshape(3, 2, 64) for x in rows[:3])))
+    ours = jax.jit(lambda m, b: batch_logps(m, b, 3, chunk=chunk))(model, batch)
+    ours = {k: v.reshape(-1) for k, v in ours.items()}
     t_ids, t_attention, t_completion, t_positions = (torch.tensor(r, dtype=torch.long) for r in rows)
     with torch.no_grad():
         logits = torch_model(input_ids=t_ids, attention_mask=t_attention, position_ids=t_positions).logits.double()
@@ -214,8 +230,9 @@ def test_gradient_accumulation_equals_one_big_batch(checkpoint, other_checkpoint
     """4 micro-batches of 2 pairs (one of them filler) against one batch of 8, with a token-averaged term."""
     path, _ = checkpoint
     batch = make_batch(b=8, seed=5)
+    in_four = make_batch(b=8, seed=5, micro_batches=4)  # the same pairs, rows ordered for 4 micro-batches
     loss = LossConfig(loss_type=("sigmoid", "sft"))
-    acc, acc_params, _ = _run(path, None, steps=1, batches=[batch], ref_path=other_checkpoint,
+    acc, acc_params, _ = _run(path, None, steps=1, batches=[in_four], ref_path=other_checkpoint,
                               cfg=S.StepConfig(gradient_accumulation_steps=4, loss=loss))
     big_sft, big_sft_params, _ = _run(path, None, steps=1, batches=[batch], ref_path=other_checkpoint,
                                       cfg=S.StepConfig(loss=loss))
@@ -283,7 +300,7 @@ def test_prefix_sharing_equals_separate_sequences(arch, tmp_path):
     plain = BatchIterator(pairs, global_batch_size=8, pad_token_id=0, shuffle=False).batch(0, 0)
     shared = BatchIterator(pairs, global_batch_size=8, pad_token_id=0, shuffle=False,
                            layout="shared_prefix").batch(0, 0)
-    assert shared["input_ids"].shape[1] < 2 * plain["input_ids"].shape[2]
+    assert shared["input_ids"].shape[1] < 2 * plain["input_ids"].shape[1]
     cfg = S.StepConfig(loss=LossConfig(loss_type=("sigmoid", "sft")))
     graphdef, params = S.split_policy(load(str(tmp_path)), True)
     ref_graphdef, ref_params = S.split_reference(load(str(tmp_path)))
@@ -337,12 +354,10 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(checkpoint, tmp
             delta = 2.0 * ad["lora_a"].get_value()[layer] @ ad["lora_b"].get_value()[layer]
             kernel.set_value(kernel.get_value().at[layer].add(delta))
     nnx.update(merged, merged_params)
-    batch = make_batch(seed=9)
+    sequences = make_sequences(seed=9)
     adapted = nnx.merge(graphdef, state.params, *base)
-    rows = [jnp.asarray(batch[k].reshape(-1, 16)) for k in ("input_ids", "attention_mask", "completion_mask",
-                                                             "position_ids")]
-    np.testing.assert_allclose(sequence_logps(adapted, *rows)["logps"], sequence_logps(merged, *rows)["logps"],
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sequence_logps(adapted, *sequences)["logps"],
+                               sequence_logps(merged, *sequences)["logps"], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "linear", "cosine"])
@@ -391,12 +406,14 @@ def test_check_finite_stops_after_the_configured_run():
 def test_completion_lengths_count_a_first_token_without_prompt(checkpoint):
     """An empty prompt: the first completion token has no log-prob (as TRL) but counts in ipo's length."""
     path, _ = checkpoint
-    batch = make_batch(b=2)
-    batch["completion_mask"][0] = batch["attention_mask"][0]  # pair 0: everything is completion
+    ids, attention, completion = make_sequences(b=3)
+    completion[0] = attention[0]  # pair 0: everything is completion
+    batch = plain_rows(ids, attention, completion)
+    batch["pair_mask"] = np.ones(3, np.int32)
     graphdef, params = S.split_policy(load(path), True)
     p, _ = S.pair_logps(graphdef, params, graphdef, params, jax.tree.map(jnp.asarray, batch), S.StepConfig())
-    np.testing.assert_array_equal(p.chosen_length, batch["completion_mask"][:, 0].sum(-1))
-    assert float(p.chosen_tokens[0]) == batch["completion_mask"][0, 0].sum() - 1
+    np.testing.assert_array_equal(p.chosen_length, completion[:, 0].sum(-1))
+    assert float(p.chosen_tokens[0]) == completion[0, 0].sum() - 1
 
 
 def test_eval_sums_give_the_train_steps_metrics(checkpoint, other_checkpoint):
@@ -409,7 +426,8 @@ def test_eval_sums_give_the_train_steps_metrics(checkpoint, other_checkpoint):
     graphdef, _ = S.split_policy(load(path), True)
     ref_graphdef, _ = S.split_reference(load(other_checkpoint))
     evaluate = S.compile_eval_step(graphdef, ref_graphdef, cfg)
-    halves = [jax.tree.map(lambda x: x[i::2], batch) for i in range(2)]  # split differently: same totals
+    in_two = make_batch(seed=2, micro_batches=2)  # the same pairs, each half's rows and pairs together
+    halves = [jax.tree.map(lambda x: x[i::2], in_two) for i in range(2)]  # split differently: same totals
     sums = jax.tree.map(lambda a, b: a + b, *(evaluate(params, ref, h) for h in halves))
     out = S.finish_eval(jax.tree.map(float, sums), cfg)
     for k in ("loss", "rewards/chosen", "rewards/accuracies", "rewards/margins", "logps/rejected", "logits/chosen"):
@@ -418,12 +436,10 @@ def test_eval_sums_give_the_train_steps_metrics(checkpoint, other_checkpoint):
 
 def test_chunk_that_does_not_divide_the_length(checkpoint):
     path, _ = checkpoint
-    batch = make_batch()
-    rows = [jnp.asarray(batch[k].reshape(-1, 16)) for k in ("input_ids", "attention_mask", "completion_mask",
-                                                             "position_ids")]
+    sequences = make_sequences()
     model = load(path)
-    np.testing.assert_allclose(sequence_logps(model, *rows, chunk=5)["logps"],
-                               sequence_logps(model, *rows, chunk=16)["logps"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sequence_logps(model, *sequences, chunk=5)["logps"],
+                               sequence_logps(model, *sequences, chunk=16)["logps"], rtol=1e-6, atol=1e-6)
 
 
 def test_lora_export_merges_adapters_and_transformers_loads_it(checkpoint, tmp_path):
@@ -442,9 +458,9 @@ def test_lora_export_merges_adapters_and_transformers_loads_it(checkpoint, tmp_p
     trained = nnx.merge(graphdef, state.params, *base)
     export_pretrained(trained, str(tmp_path / "out"))
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    batch = make_batch(seed=7)
-    ids, mask = batch["input_ids"][:, 0], batch["attention_mask"][:, 0]
-    positions = batch["position_ids"][:, 0]
+    ids, mask, _ = make_sequences(seed=7)
+    ids, mask = ids[:, 0], mask[:, 0]
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
         theirs = exported(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
                           position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()

@@ -99,7 +99,7 @@ def padding_of_batches(batches: BatchIterator) -> dict[int, tuple[int, float]]:
     slots, real, count = {}, {}, {}
     for s in range(batches.steps_per_epoch):
         b = batches.batch(0, s)
-        used = b["attention_mask"] if "attention_mask" in b else (b["branch"] >= 0)
+        used = b["segment"] >= 0
         n = b["input_ids"].shape[-1]
         slots[n] = slots.get(n, 0) + b["input_ids"].size
         real[n] = real.get(n, 0) + int(used.sum())

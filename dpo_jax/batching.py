@@ -284,7 +284,7 @@ class BatchIterator:
         cap = pairs.truncation.max_length and (pairs.truncation.max_length * (1 if layout == "pairs" else 2))
         local_pairs = global_batch_size // process_count
         self.process_count, self.process_index = process_count, process_index
-        self.micro_batches = micro_batches  # packed layout: pack each micro-batch of the step on its own
+        self.micro_batches = micro_batches  # the step's micro-batches: row order, segment numbers, packing
         if local_pairs % micro_batches:
             raise UserError(f"{local_pairs} pairs per process do not split into {micro_batches} micro-batches")
         # packed rows per micro-batch and process; a multiple of `row_multiple` (the devices a process splits

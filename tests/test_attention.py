@@ -35,6 +35,10 @@ def pair_rows(pairs_per_row: list[list[tuple[int, int, int]]], length: int):
 
 def layout(name: str):
     """(TokenMask, positions, real-token mask) of B rows of T tokens in one of the step's row layouts."""
+    if name == "padding_gaps":  # a [B, T] padding mask with real tokens after padding (from_padding)
+        real = np.random.default_rng(5).random((B, T)) < 0.7
+        mask = TokenMask.from_padding(jnp.asarray(real), B, T)
+        return mask, jnp.asarray(np.maximum(np.cumsum(real, -1) - 1, 0), jnp.int32), real
     if name in ("right_padding", "left_padding"):
         lengths = [T, 31, 7]
         real = np.array([[t < n for t in range(T)] for n in lengths])
@@ -57,7 +61,7 @@ def inputs(dtype, seed=0, t=T):
     return tuple(jnp.asarray(rng.normal(size=(B, t, n, E)), dtype) for n in (H, K, K))
 
 
-LAYOUTS = ("right_padding", "left_padding", "shared_prefix", "packed")
+LAYOUTS = ("right_padding", "left_padding", "padding_gaps", "shared_prefix", "packed")
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

@@ -54,19 +54,13 @@ class TokenMask:
 
     @classmethod
     def from_padding(cls, attention_mask_BxT: jax.Array | None, batch: int, length: int) -> "TokenMask":
-        """One sequence per row: real tokens (1 in `attention_mask`; all when None) in segment 0."""
+        """One sequence per row (1 in `attention_mask` = a real token; all when None). Real tokens are
+        branch 0 and padding branch -1 of one segment, 0: no real token sees padding, and a padding mask with
+        gaps (real tokens after padding) keeps the segment one contiguous run, as the blockwise path needs."""
+        segment = jnp.zeros((batch, length), jnp.int32)
         if attention_mask_BxT is None:
-            segment = jnp.zeros((batch, length), jnp.int32)
-        else:
-            segment = jnp.where(attention_mask_BxT.astype(bool), 0, -1).astype(jnp.int32)
-        return cls(segment, jnp.zeros((batch, length), jnp.int32))
-
-    @classmethod
-    def from_branches(cls, branch_BxT: jax.Array, segment_BxT: jax.Array | None = None) -> "TokenMask":
-        """Prompt-sharing rows (branch 0 prompt, 1 chosen, 2 rejected, -1 padding), one pair per row unless
-        `segment` says which pair of a packed row each token is (-1 padding)."""
-        segment = jnp.where(branch_BxT >= 0, 0, -1) if segment_BxT is None else segment_BxT
-        return cls(segment.astype(jnp.int32), branch_BxT.astype(jnp.int32))
+            return cls(segment, segment)
+        return cls(segment, jnp.where(attention_mask_BxT.astype(bool), 0, -1).astype(jnp.int32))
 
 
 def visible(segment_q, branch_q, index_q, positions_q, segment_k, branch_k, index_k, positions_k,

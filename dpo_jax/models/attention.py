@@ -161,6 +161,14 @@ def _slice(x, start, size):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
+def _block_visible(segment, branch, positions, qi, kj, block, window) -> jax.Array:
+    """`visible` for the queries of the block at `qi` and the keys of the block at `kj`: [B, 1, 1, Q, S]."""
+    index = jnp.arange(segment.shape[1])
+    q = [_slice(x, qi, block) for x in (segment, branch, index[None], positions)]
+    k = [_slice(x, kj, block) for x in (segment, branch, index[None], positions)]
+    return visible(q[0], q[1], q[2][0], q[3], k[0], k[1], k[2][0], k[3], window)[:, None, None]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(block, softcap, q, k, v, segment, branch, positions, scale, window):
     return _flash_forward(q, k, v, segment, branch, positions, scale, window, block, softcap)[0]
@@ -171,22 +179,16 @@ def _flash_forward(q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE, segment, branch, positions
     b, t, kv, g, e = q_BxTxKxGxE.shape
     f32 = wide(q_BxTxKxGxE.dtype)
     first, last = _block_ranges(segment, block)
-    index = jnp.arange(t)
 
     def query_block(i):
         qi = i * block
         q = _slice(q_BxTxKxGxE, qi, block)
-        meta_q = (_slice(segment, qi, block), _slice(branch, qi, block), _slice(index[None], qi, block)[0],
-                  _slice(positions, qi, block))
 
         def key_block(j, carry):
             m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxE = carry
             kj = j * block
             s, _ = _scores(q, _slice(k_BxTxKxE, kj, block), scale, softcap)
-            ok = visible(meta_q[0], meta_q[1], meta_q[2], meta_q[3], _slice(segment, kj, block),
-                         _slice(branch, kj, block), _slice(index[None], kj, block)[0],
-                         _slice(positions, kj, block), window)
-            s = jnp.where(ok[:, None, None], s, MASK_VALUE)
+            s = jnp.where(_block_visible(segment, branch, positions, qi, kj, block, window), s, MASK_VALUE)
             m_new = jnp.maximum(m_BxKxGxQ, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m_BxKxGxQ - m_new)
@@ -220,7 +222,6 @@ def _flash_bwd(block, softcap, residuals, dout_BxTxKxGxE):
     b, t, kv, g, e = q_BxTxKxGxE.shape
     f32 = wide(q_BxTxKxGxE.dtype)
     first, last = _block_ranges(segment, block)
-    index = jnp.arange(t)
     # D = rowsum(dO * O): the softmax's backward term, per query and head
     delta_BxKxGxT = jnp.einsum("btkge,btkge->bkgt", dout_BxTxKxGxE.astype(f32), out.astype(f32))
 
@@ -230,17 +231,13 @@ def _flash_bwd(block, softcap, residuals, dout_BxTxKxGxE):
         q, dout = _slice(q_BxTxKxGxE, qi, block), _slice(dout_BxTxKxGxE, qi, block)
         lse = jax.lax.dynamic_slice_in_dim(lse_BxKxGxT, qi, block, axis=3)
         delta = jax.lax.dynamic_slice_in_dim(delta_BxKxGxT, qi, block, axis=3)
-        meta_q = (_slice(segment, qi, block), _slice(branch, qi, block), _slice(index[None], qi, block)[0],
-                  _slice(positions, qi, block))
 
         def key_block(j, carry):
             dq, dk_all, dv_all = carry
             kj = j * block
             k, v = _slice(k_BxTxKxE, kj, block), _slice(v_BxTxKxE, kj, block)
             s, capped = _scores(q, k, scale, softcap)
-            ok = visible(meta_q[0], meta_q[1], meta_q[2], meta_q[3], _slice(segment, kj, block),
-                         _slice(branch, kj, block), _slice(index[None], kj, block)[0],
-                         _slice(positions, kj, block), window)[:, None, None]
+            ok = _block_visible(segment, branch, positions, qi, kj, block, window)
             p = jnp.where(ok, jnp.exp(s - lse[..., None]), 0)  # [B, K, G, Q, S]
             dv = jnp.einsum("bkgts,btkge->bske", p.astype(dout.dtype), dout, preferred_element_type=f32)
             dp = jnp.einsum("btkge,bske->bkgts", dout, v, preferred_element_type=f32)

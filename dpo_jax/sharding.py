@@ -88,6 +88,11 @@ def activations_on(mesh):
         _ACTIVATION_MESH.reset(token)
 
 
+def activation_mesh() -> jax.sharding.Mesh | None:
+    """The mesh set by `activations_on` while tracing a step (None outside one)."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain_rows(x: jax.Array, *rest: str | None) -> jax.Array:
     """`x` pinned to rows over data x fsdp (its leading axis) and `rest` for the next axes (e.g. "tensor" for a
     vocabulary axis), while tracing under `activations_on`; unchanged otherwise. An axis its mesh axes do not

@@ -36,7 +36,7 @@ import numpy as np
 # uniform softmax instead of NaN, and its output is ignored anyway.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 BLOCK = 512  # queries and keys per block of the blockwise path
-IMPLEMENTATIONS = ("auto", "eager", "blockwise")
+IMPLEMENTATIONS = ("auto", "eager", "blockwise", "splash", "cudnn")
 
 
 def wide(dtype) -> jnp.dtype:
@@ -105,21 +105,52 @@ def eager_attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.A
     return out.reshape(b, t, h, e)
 
 
+def choose_implementation(implementation: str, length: int, block: int, softcap, window) -> str:
+    """What `auto` runs for a layer: splash on a TPU (layers without a sliding window), cuDNN on a GPU,
+    else eager for rows of at most one block and blockwise beyond. Others are returned as they are."""
+    from ..sharding import platform
+
+    if implementation != "auto":
+        return implementation
+    backend = platform()
+    if backend == "tpu" and window is None:
+        return "splash"
+    if backend == "gpu":
+        return "cudnn"
+    return "eager" if length <= block else "blockwise"
+
+
 def self_attention(q_BxTxHxE: jax.Array, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Array, mask: TokenMask,
                    positions_BxT: jax.Array, *, scale: float | jax.Array, softcap: float | None = None,
                    window=None, implementation: str = "auto", block: int | None = None) -> jax.Array:
     """Attention of a row's tokens to each other under `mask` (see the module's docstring). [B, T, H, E].
-    `block`: queries and keys per block (default BLOCK)."""
+    `block`: queries and keys per block of the blockwise and splash paths (default BLOCK, SPLASH_BLOCK)."""
+    from . import kernels
+    from ..sharding import platform
+
     t = q_BxTxHxE.shape[1]
-    block = block or BLOCK
-    if implementation == "auto":
-        implementation = "eager" if t <= block else "blockwise"
+    implementation = choose_implementation(implementation, t, block or BLOCK, softcap, window)
+
+    def blockwise():
+        return blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask, positions_BxT, scale=scale,
+                                   softcap=softcap, window=window, block=block)
+
     if implementation == "eager":
         return eager_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, dense_mask(mask, positions_BxT, window),
                                scale=scale, softcap=softcap)
-    if implementation == "blockwise":
-        return blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask, positions_BxT, scale=scale,
-                                   softcap=softcap, window=window, block=block)
+    if implementation == "blockwise" or (implementation == "splash" and window is not None):
+        return blockwise()
+    if implementation == "splash":
+        return kernels.splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask, scale=scale, softcap=softcap,
+                                        block=block)
+    if implementation == "cudnn":
+        gpu = platform() == "gpu"
+        if not kernels.cudnn_expressible(q_BxTxHxE.dtype, softcap, window, scale, gpu):
+            return blockwise()
+        lengths_B, fits_B = kernels.sequence_lengths(mask)
+        fused = functools.partial(kernels.fused_attention, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, scale=scale,
+                                  window=window, implementation="cudnn" if gpu else "xla")
+        return jax.lax.cond(fits_B.all(), fused, blockwise)
     raise ValueError(f"attn_implementation {implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
 
 

@@ -292,13 +292,18 @@ class BatchIterator:
         self.row_counts = tuple(sorted({-(-max(1, math.ceil(local_pairs // micro_batches * f)) // row_multiple)
                                         * row_multiple for f in ROW_FRACTIONS}))
         # packed: no row longer than two of the longest pairs (attention is quadratic in the row); the row
-        # lengths are buckets of the packed batches' longest rows over the first PACKED_EPOCHS epochs, and a
-        # later batch that needs more gets `row_cap` (one more compiled shape, rarely)
+        # lengths are buckets of the packed batches' longest rows over the first PACKED_EPOCHS epochs, as many
+        # as keep the step's shapes (rows x length) within `num_buckets`, and a later batch that needs more
+        # gets `row_cap` (one more compiled shape, rarely)
         self.row_cap = -(-2 * int(self.lengths.max()) // multiple) * multiple
         if layout == "packed" and not buckets:
-            needed = [self._packing(self.order(e)[s * self.batch_size:(s + 1) * self.batch_size])[2]
+            needed = [self._packing(self.order(e)[s * self.batch_size:(s + 1) * self.batch_size])[::2]
                       for e in range(PACKED_EPOCHS if shuffle else 1) for s in range(self.steps_per_epoch)]
-            buckets = choose_buckets(needed, num_buckets, multiple, None)
+            for count in range(num_buckets, 0, -1):
+                buckets = choose_buckets([longest for _, longest in needed], count, multiple, None)
+                shapes = {(rows, next(b for b in buckets if b >= longest)) for rows, longest in needed}
+                if len(shapes) <= num_buckets:
+                    break
         self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
         if self.buckets[-1] < self.lengths.max():
             raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "

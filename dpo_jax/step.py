@@ -62,7 +62,7 @@ class StepConfig:
     loss: LossConfig = LossConfig()
     gradient_accumulation_steps: int = 1
     chunk: int | None = None  # positions per head chunk in logps.py (None: from a memory budget)
-    attn_implementation: str = "auto"  # auto, eager or blockwise: see models/attention.py
+    attn_implementation: str = "auto"  # see models/attention.py and models/kernels.py
     gradient_checkpointing: bool = True  # recompute each decoder block in the backward pass (TRL's default)
     lora: bool = False  # params are LoRA adapters and ref_params the frozen base (see lora.py)
     seed: int = 42  # for LoRA dropout

@@ -16,8 +16,10 @@ Implementations (`attn_implementation`, transformers' option name):
   JAX, with its own backward pass (`jax.custom_vjp`) that recomputes each block's scores: memory O(T x BLOCK)
   per head, forward and backward. Each query block visits only the key blocks from the start of its
   earliest segment to its last real query (causality and packing); visited blocks are masked per element.
-- `auto` (the default): `eager` when the row fits in one block (the same computation, without the loops),
-  else `blockwise`.
+- `splash` (TPU) and `cudnn` (GPU): backend kernels, for the masks they can express (kernels.py), `blockwise`
+  for the rest.
+- `auto` (the default): `splash` on a TPU, `cudnn` on a GPU; elsewhere `eager` when the row fits in one block
+  (the same computation, without the loops), else `blockwise`.
 
 Shapes in names as in layers.py: B batch, T query length, S key length, H query heads, K key/value heads,
 G = H // K, E head dim.

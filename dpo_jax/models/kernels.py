@@ -42,10 +42,13 @@ def second_branch(mask: TokenMask) -> jax.Array:
     b, t = mask.segment.shape
     index = jnp.arange(t)
     starts = jnp.concatenate([jnp.ones((b, 1), bool), mask.segment[:, 1:] != mask.segment[:, :-1]], axis=1)
-    run_BxT = jax.lax.cummax(jnp.where(starts, index, 0), axis=1) + t * jnp.arange(b)[:, None]  # run's id
-    chosen = jax.ops.segment_max((mask.branch == 1).astype(jnp.int32).reshape(-1), run_BxT.reshape(-1),
-                                 num_segments=b * t)
-    return (mask.branch == 2) & (mask.segment >= 0) & (chosen[run_BxT] > 0)
+    run_BxT = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # where each token's run of its segment begins
+
+    def row(branch_T, run_T):  # per row: no reduction across the devices holding the rows
+        chosen = jax.ops.segment_max((branch_T == 1).astype(jnp.int32), run_T, num_segments=t)
+        return chosen[run_T] > 0
+
+    return (mask.branch == 2) & (mask.segment >= 0) & jax.vmap(row)(mask.branch, run_BxT)
 
 
 def splash_ids(mask: TokenMask) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array], jax.Array]:

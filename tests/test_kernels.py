@@ -66,10 +66,11 @@ def test_splash_calls_split_only_rows_with_both_branches():
     """The second kernel call takes the rejected tokens of segments that also hold a chosen branch, and sees
     their prompt and themselves; `pairs` rows and padding masks need one call."""
     for name in ("pairs", "right_padding", "left_padding", "padding_gaps"):
-        assert not bool(kernels.second_branch(any_layout(name)[0]).any()), name
+        mask = any_layout(name)[0]
+        assert not bool(kernels.second_branch(mask.segment, mask.branch).any()), name
     segment, branch, _ = pair_rows([[(2, 2, 3), (1, 1, 1)]], 12)
-    (first_q, first_kv), (second_q, second_kv), second = kernels.splash_ids(
-        TokenMask(jnp.asarray(segment, jnp.int32), jnp.asarray(branch, jnp.int32)))
+    (first_q, first_kv), (second_q, second_kv), second = kernels.splash_ids(jnp.asarray(segment, jnp.int32),
+                                                                           jnp.asarray(branch, jnp.int32))
     # row: prompt 0 0, chosen 0 0, rejected 0 0 0, prompt 1, chosen 1, rejected 1, padding x 2
     assert second[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0]
     assert first_q[0].tolist() == [0, 0, 0, 0, -2, -2, -2, 1, 1, -2, -2, -2]
@@ -111,7 +112,7 @@ def test_cudnn_path_equals_eager(name):
     right padding) through `jax.nn.dot_product_attention`'s lengths (its XLA implementation on the CPU), the
     others through the blockwise path."""
     mask, positions, real = any_layout(name)
-    _, fits = kernels.sequence_lengths(mask)
+    _, fits = kernels.sequence_lengths(mask.segment, mask.branch)
     assert bool(fits.all()) == (name in ("pairs", "right_padding")), fits
     assert_equal_to_eager("cudnn", mask, positions, real, block=16)
 
@@ -119,7 +120,7 @@ def test_cudnn_path_equals_eager(name):
 def test_cudnn_call_takes_the_rows_lengths_and_window():
     """The fused call alone (no fallback) on right-padded rows with a sliding window of 6: eager's numbers."""
     mask, positions, real = layout("right_padding")
-    lengths, fits = kernels.sequence_lengths(mask)
+    lengths, fits = kernels.sequence_lengths(mask.segment, mask.branch)
     assert lengths.tolist() == [T, 31, 7] and bool(fits.all())
     q, k, v = inputs(jnp.float32)
     got = kernels.fused_attention(q, k, v, lengths, scale=0.3, window=6, implementation="xla")
@@ -130,13 +131,11 @@ def test_cudnn_call_takes_the_rows_lengths_and_window():
 def test_auto_chooses_by_backend(monkeypatch):
     """auto: splash on a TPU (blockwise for sliding-window layers), cuDNN on a GPU, eager or blockwise on the
     CPU; on a GPU, float32 and soft-capped layers are not cuDNN's (the blockwise path)."""
-    from dpo_jax import sharding as sharding_module
-
     for backend, window, want in (("tpu", None, "splash"), ("tpu", 4, "blockwise"), ("gpu", None, "cudnn"),
                                   ("cpu", None, "blockwise")):
-        monkeypatch.setattr(sharding_module, "platform", lambda backend=backend: backend)
+        monkeypatch.setattr(sharding, "platform", lambda backend=backend: backend)
         assert choose_implementation("auto", 1024, 512, None, window) == want, (backend, window)
-    monkeypatch.setattr(sharding_module, "platform", lambda: "cpu")
+    monkeypatch.setattr(sharding, "platform", lambda: "cpu")
     assert choose_implementation("auto", 512, 512, None, None) == "eager"
     assert not kernels.cudnn_expressible(jnp.float32, None, None, 0.1, gpu=True)
     assert not kernels.cudnn_expressible(jnp.bfloat16, 50.0, None, 0.1, gpu=True)

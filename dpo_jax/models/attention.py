@@ -12,7 +12,7 @@ row (the blockwise path relies on it to skip blocks).
 Implementations (`attn_implementation`, transformers' option name):
 - `eager`: the [B, T, S] mask and float32 scores of the whole row, as transformers' eager attention. The
   reference the others are tested against; the KV cache of generation uses it.
-- `blockwise`: online softmax over blocks of BLOCK queries x BLOCK keys (flash attention's algorithm) in pure
+- `blockwise`: online softmax over blocks of at most BLOCK queries x BLOCK keys (flash attention's algorithm) in pure
   JAX, with its own backward pass (`jax.custom_vjp`) that recomputes each block's scores: memory O(T x BLOCK)
   per head, forward and backward. Each query block visits only the key blocks from the start of its
   earliest segment to its last real query (causality and packing); visited blocks are masked per element.
@@ -33,6 +33,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .. import sharding
+from . import kernels
 
 # A large finite negative instead of -inf: a fully masked row (a padding query) then gives a finite
 # uniform softmax instead of NaN, and its output is ignored anyway.
@@ -110,11 +113,9 @@ def eager_attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.A
 def choose_implementation(implementation: str, length: int, block: int, softcap, window) -> str:
     """What `auto` runs for a layer: splash on a TPU (layers without a sliding window), cuDNN on a GPU,
     else eager for rows of at most one block and blockwise beyond. Others are returned as they are."""
-    from ..sharding import platform
-
     if implementation != "auto":
         return implementation
-    backend = platform()
+    backend = sharding.platform()
     if backend == "tpu" and window is None:
         return "splash"
     if backend == "gpu":
@@ -127,9 +128,6 @@ def self_attention(q_BxTxHxE: jax.Array, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Ar
                    window=None, implementation: str = "auto", block: int | None = None) -> jax.Array:
     """Attention of a row's tokens to each other under `mask` (see the module's docstring). [B, T, H, E].
     `block`: queries and keys per block of the blockwise and splash paths (default BLOCK, SPLASH_BLOCK)."""
-    from . import kernels
-    from ..sharding import platform
-
     t = q_BxTxHxE.shape[1]
     implementation = choose_implementation(implementation, t, block or BLOCK, softcap, window)
 
@@ -143,13 +141,13 @@ def self_attention(q_BxTxHxE: jax.Array, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Ar
     if implementation == "blockwise" or (implementation == "splash" and window is not None):
         return blockwise()
     if implementation == "splash":
-        return kernels.splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask, scale=scale, softcap=softcap,
-                                        block=block)
+        return kernels.splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask.segment, mask.branch, scale=scale,
+                                        softcap=softcap, block=block)
     if implementation == "cudnn":
-        gpu = platform() == "gpu"
+        gpu = sharding.platform() == "gpu"
         if not kernels.cudnn_expressible(q_BxTxHxE.dtype, softcap, window, scale, gpu):
             return blockwise()
-        lengths_B, fits_B = kernels.sequence_lengths(mask)
+        lengths_B, fits_B = kernels.sequence_lengths(mask.segment, mask.branch)
         fused = functools.partial(kernels.fused_attention, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, scale=scale,
                                   window=window, implementation="cudnn" if gpu else "xla")
         return jax.lax.cond(fits_B.all(), fused, blockwise)
@@ -162,7 +160,10 @@ def blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask: TokenMask, positi
     """`self_attention`'s blockwise implementation: [B, T, H, E], never holding more than one block's scores."""
     b, t, h, e = q_BxTxHxE.shape
     kv = k_BxTxKxE.shape[2]
-    block = min(block or BLOCK, t)
+    if block is None:  # as few blocks of at most BLOCK as cover the row, of equal sizes, multiples of 16
+        count, multiple = -(-t // BLOCK), min(16, BLOCK)  # (1,100 tokens: 3 blocks of 368, not 3 of 512)
+        block = -(-t // (multiple * count)) * multiple
+    block = min(block, t)
     pad = -t % block
     if pad:  # whole blocks; the padding is a segment of its own (-1) and is dropped below
         def widen(x, value=0):

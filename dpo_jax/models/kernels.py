@@ -1,4 +1,4 @@
-"""Attention kernels of one backend each, under attention.py's rule (TokenMask): Pallas splash attention on
+"""Attention kernels of one backend each, under attention.py's rule (a TokenMask's segment and branch vectors): Pallas splash attention on
 TPU and cuDNN's fused attention on GPU. Each takes the masks it can express and says so; attention.py's
 `self_attention` falls back to its pure-JAX blockwise path for the rest.
 
@@ -29,37 +29,37 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from ..sharding import ROW_AXES, activation_mesh
-from .attention import TokenMask, wide
+from ..sharding import ROW_AXES, activation_mesh, platform
 
 SPLASH_BLOCK = 512  # queries and keys per splash block (rows are padded to a multiple of it, or of 128 below it)
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 # ---------------------------------------------------------------------------------------------------- splash
-def second_branch(mask: TokenMask) -> jax.Array:
-    """bool [B, T]: tokens of a rejected branch (2) whose segment holds a chosen branch (1) in the same row."""
-    b, t = mask.segment.shape
+def second_branch(segment_BxT: jax.Array, branch_BxT: jax.Array) -> jax.Array:
+    """bool [B, T]: tokens of a rejected branch (2) whose segment holds a chosen branch (1) in the same row
+    (the TokenMask's vectors)."""
+    b, t = segment_BxT.shape
     index = jnp.arange(t)
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), mask.segment[:, 1:] != mask.segment[:, :-1]], axis=1)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_BxT[:, 1:] != segment_BxT[:, :-1]], axis=1)
     run_BxT = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # where each token's run of its segment begins
 
     def row(branch_T, run_T):  # per row: no reduction across the devices holding the rows
         chosen = jax.ops.segment_max((branch_T == 1).astype(jnp.int32), run_T, num_segments=t)
         return chosen[run_T] > 0
 
-    return (mask.branch == 2) & (mask.segment >= 0) & jax.vmap(row)(mask.branch, run_BxT)
+    return (branch_BxT == 2) & (segment_BxT >= 0) & jax.vmap(row)(branch_BxT, run_BxT)
 
 
-def splash_ids(mask: TokenMask) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array], jax.Array]:
+def splash_ids(segment_BxT: jax.Array, branch_BxT: jax.Array):
     """The two calls' (query ids, key ids), int32 [B, T] each, and the `second_branch` tokens. Ids that
     must match nothing are -2 (queries) and -3 (keys)."""
-    second = second_branch(mask)
-    real = (mask.segment >= 0) & (mask.branch >= 0)
-    first_calls = (jnp.where(real & ~second, mask.segment, -2), jnp.where(real & ~second, mask.segment, -3))
-    second_call = (jnp.where(second, mask.segment, -2),
-                   jnp.where(real & ((mask.branch == 0) | second), mask.segment, -3))
-    return first_calls, second_call, second
+    second = second_branch(segment_BxT, branch_BxT)
+    real = (segment_BxT >= 0) & (branch_BxT >= 0)
+    first_call = (jnp.where(real & ~second, segment_BxT, -2), jnp.where(real & ~second, segment_BxT, -3))
+    second_call = (jnp.where(second, segment_BxT, -2),
+                   jnp.where(real & ((branch_BxT == 0) | second), segment_BxT, -3))
+    return first_call, second_call, second
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,13 +74,11 @@ def _splash_kernel(length: int, group: int, block: int, softcap: float | None, i
                                                 interpret=interpret)
 
 
-def splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask: TokenMask, *, scale, softcap=None,
+def splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_BxT, branch_BxT, *, scale, softcap=None,
                      block: int | None = None, interpret: bool | None = None) -> jax.Array:
-    """Self-attention by the splash kernel: [B, T, H, E]. `interpret`: Pallas's interpreter (default: when
-    the step does not run on a TPU)."""
+    """Self-attention by the splash kernel under a TokenMask's vectors: [B, T, H, E]. `interpret`: Pallas's
+    interpreter (default: when the step does not run on a TPU)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-
-    from ..sharding import platform
 
     b, t, h, e = q_BxTxHxE.shape
     kv = k_BxTxKxE.shape[2]
@@ -90,11 +88,11 @@ def splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask: TokenMask, *, scale,
         def widen(x, value=0):
             return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
         q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = map(widen, (q_BxTxHxE, k_BxTxKxE, v_BxTxKxE))
-        mask = TokenMask(widen(mask.segment, -1), widen(mask.branch, -1))
+        segment_BxT, branch_BxT = widen(segment_BxT, -1), widen(branch_BxT, -1)
     interpret = platform() != "tpu" if interpret is None else interpret
     kernel = _splash_kernel(t + pad, h // kv, block, softcap, interpret)
     # the kernel takes scaled queries, [K, G, T, E] per row, keys [K, T, E]
-    q = (q_BxTxHxE.astype(wide(q_BxTxHxE.dtype)) * scale).astype(q_BxTxHxE.dtype)
+    q = (q_BxTxHxE.astype(jnp.promote_types(q_BxTxHxE.dtype, jnp.float32)) * scale).astype(q_BxTxHxE.dtype)
     q_BxKxGxTxE = q.reshape(b, t + pad, kv, h // kv, e).transpose(0, 2, 3, 1, 4)
     k_BxKxTxE, v_BxKxTxE = k_BxTxKxE.transpose(0, 2, 1, 3), v_BxTxKxE.transpose(0, 2, 1, 3)
 
@@ -105,7 +103,7 @@ def splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask: TokenMask, *, scale,
     def call(ids):
         return per_device_heads(jax.vmap(one_row), (q_BxKxGxTxE, k_BxKxTxE, v_BxKxTxE), ids)
 
-    first_call, second_call, second_BxT = splash_ids(mask)
+    first_call, second_call, second_BxT = splash_ids(segment_BxT, branch_BxT)
     out = call(first_call)
     out = jax.lax.cond(second_BxT.any(),
                        lambda: jnp.where(second_BxT[:, None, None, :, None], call(second_call), out),
@@ -136,15 +134,14 @@ def cudnn_expressible(dtype, softcap, window, scale, gpu: bool) -> bool:
     return softcap is None and static and (not gpu or jnp.dtype(dtype) in CUDNN_DTYPES)
 
 
-def sequence_lengths(mask: TokenMask) -> tuple[jax.Array, jax.Array]:
+def sequence_lengths(segment_BxT: jax.Array, branch_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per row, int32 [B]: how many real tokens, and whether the row is one causal sequence from index 0 (real
     tokens first, one segment, at most one completion branch): all cuDNN's lengths can say."""
-    real = (mask.segment >= 0) & (mask.branch >= 0)
+    real = (segment_BxT >= 0) & (branch_BxT >= 0)
     lengths = real.sum(axis=1).astype(jnp.int32)
     prefix = (real == (jnp.arange(real.shape[1]) < lengths[:, None])).all(axis=1)
-    first = mask.segment[:, :1]
-    one_segment = jnp.where(real, mask.segment == first, True).all(axis=1)
-    one_branch = ~((real & (mask.branch == 1)).any(axis=1) & (real & (mask.branch == 2)).any(axis=1))
+    one_segment = jnp.where(real, segment_BxT == segment_BxT[:, :1], True).all(axis=1)
+    one_branch = ~((real & (branch_BxT == 1)).any(axis=1) & (real & (branch_BxT == 2)).any(axis=1))
     return lengths, prefix & one_segment & one_branch
 
 

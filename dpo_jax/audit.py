@@ -170,7 +170,7 @@ def format_table(report: dict) -> str:
     lines.append(f"  {'sequence lengths (tokens)':<32}" + ", ".join(f"{a}-{b}: {n}" for a, b, n in
                                                        zip(h["edges"], h["edges"][1:], h["counts"])))
     if report["buckets"]:
-        lines.append(f"  {'buckets (first epoch, ' + report['layout'] + ')':<32}" + ", ".join(
+        lines.append(f"  {'buckets (first epoch, ' + report['layout'] + ')':<31} " + ", ".join(
             f"{b['length']}: {b['batches']} batches, {b['padding']:.0%} padding" for b in report["buckets"]))
     if c["boundary_merges"]:
         lines.append(f"  warning: in {c['boundary_merges']} pairs the tokenized prompt is not a prefix of the tokenized "

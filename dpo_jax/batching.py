@@ -299,11 +299,14 @@ class BatchIterator:
         if layout == "packed" and not buckets:
             needed = [self._packing(self.order(e)[s * self.batch_size:(s + 1) * self.batch_size])[::2]
                       for e in range(PACKED_EPOCHS if shuffle else 1) for s in range(self.steps_per_epoch)]
-            for count in range(num_buckets, 0, -1):
-                buckets = choose_buckets([longest for _, longest in needed], count, multiple, None)
-                shapes = {(rows, next(b for b in buckets if b >= longest)) for rows, longest in needed}
-                if len(shapes) <= num_buckets:
-                    break
+            def shapes(buckets):
+                return len({(rows, next(b for b in buckets if b >= longest)) for rows, longest in needed})
+
+            # the most length buckets within the shape budget; if none is within it (more row counts than
+            # num_buckets), the choice with the fewest shapes
+            choices = [choose_buckets([longest for _, longest in needed], count, multiple, None)
+                       for count in range(num_buckets, 0, -1)]
+            buckets = next((b for b in choices if shapes(b) <= num_buckets), min(choices, key=shapes))
         self.buckets = tuple(sorted(buckets or choose_buckets(self.batch_lengths(0), num_buckets, multiple, cap)))
         if self.buckets[-1] < self.lengths.max():
             raise UserError(f"the longest bucket ({self.buckets[-1]} tokens) is shorter than the longest pair "

@@ -28,14 +28,14 @@ def any_layout(name):
     return pairs_layout() if name == "pairs" else layout(name)
 
 
-def assert_equal_to_eager(implementation, mask, positions, real, softcap=None, block=None, t=T):
+def assert_equal_to_eager(implementation, mask, positions, real, softcap=None, block=None, t=T, window=None):
     """Outputs at real tokens and q/k/v gradients of a weighted sum within 1e-5 of eager attention's."""
     q, k, v = inputs(jnp.float32, t=t)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, t, H, E)), jnp.float32) * real[..., None, None]
 
     def run(impl, q, k, v):
-        return self_attention(q, k, v, mask, positions, scale=0.3, softcap=softcap, implementation=impl,
-                              block=block if impl != "eager" else None)
+        return self_attention(q, k, v, mask, positions, scale=0.3, softcap=softcap, window=window,
+                              implementation=impl, block=block if impl != "eager" else None)
 
     want, got = run("eager", q, k, v), run(implementation, q, k, v)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
@@ -79,31 +79,35 @@ def test_splash_calls_split_only_rows_with_both_branches():
     assert second_kv[0].tolist() == [0, 0, -3, -3, 0, 0, 0, 1, -3, 1, -3, -3]
 
 
-def test_splash_per_device_on_a_mesh_equals_one_device():
+@pytest.mark.parametrize("rows,kv_heads", [(4, 2), (3, 3)])
+def test_splash_per_device_on_a_mesh_equals_eager(rows, kv_heads):
     """On 8 simulated devices (data 2 x fsdp 2 x tensor 2) the kernel runs per device (shard_map: rows over data
-    x fsdp, key/value heads over tensor) and gives one device's numbers; the output keeps the rows' split."""
+    x fsdp, key/value heads over tensor, each where it divides: 4 rows and 2 heads do, 3 and 3 do not):
+    outputs and q/k/v gradients are eager attention's."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    segment, branch, positions = pair_rows([[(5, 7, 8), (6, 4, 11)], [(1, 30, 9)], [(3, 3, 3)], [(9, 9, 9)]], T)
-    mask = TokenMask(jnp.asarray(segment, jnp.int32), jnp.asarray(branch, jnp.int32))
+    segment, branch, positions = pair_rows([[(5, 7, 8), (6, 4, 11)], [(1, 30, 9)], [(3, 3, 3)], [(9, 9, 9)]][:rows], T)
+    mask, positions = TokenMask(jnp.asarray(segment, jnp.int32), jnp.asarray(branch, jnp.int32)), jnp.asarray(positions)
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(4, T, n, E)), jnp.float32) for n in (H, 2, 2))
+    q, k, v = (jnp.asarray(rng.normal(size=(rows, T, n, E)), jnp.float32) for n in (2 * kv_heads, kv_heads, kv_heads))
     real = segment >= 0
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real[..., None, None]
 
-    def run(q, k, v):
-        return self_attention(q, k, v, mask, jnp.asarray(positions, jnp.int32), scale=0.3, implementation="splash")
+    def loss(q, k, v, implementation):
+        with sharding.activations_on(mesh if implementation == "splash" else None):
+            out = self_attention(q, k, v, mask, positions, scale=0.3, implementation=implementation)
+        return (out * weights).sum(), out
 
-    want = self_attention(q, k, v, mask, jnp.asarray(positions, jnp.int32), scale=0.3, implementation="eager")
-
-    def on_mesh(q, k, v):
-        with sharding.activations_on(mesh):
-            return run(q, k, v)
-
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.ROW_AXES))
-    placed = [jax.device_put(x, rows) for x in (q, k, v)]
-    got = jax.jit(on_mesh)(*placed)
-    assert "manual_computation" in jax.jit(on_mesh).lower(*placed).as_text()  # per device (shard_map)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    placement = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        sharding.ROW_AXES if rows % 4 == 0 else None))
+    placed = [jax.device_put(x, placement) for x in (q, k, v)]
+    assert "manual_computation" in step.lower(*placed, "splash").as_text()  # per device (shard_map)
+    (_, got), got_grads = step(*placed, "splash")
+    (_, want), want_grads = step(q, k, v, "eager")
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
-    assert got.sharding.shard_shape(got.shape)[0] == 1  # each of the 4 row groups holds one row
+    for a, b, what in zip(got_grads, want_grads, "qkv"):
+        assert np.abs(np.asarray(b)).max() > 0.1, what
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=what)
 
 
 @pytest.mark.parametrize("name", ("pairs",) + LAYOUTS)
@@ -117,35 +121,56 @@ def test_cudnn_path_equals_eager(name):
     assert_equal_to_eager("cudnn", mask, positions, real, block=16)
 
 
-def test_cudnn_call_takes_the_rows_lengths_and_window():
-    """The fused call alone (no fallback) on right-padded rows with a sliding window of 6: eager's numbers."""
-    mask, positions, real = layout("right_padding")
-    lengths, fits = kernels.sequence_lengths(mask.segment, mask.branch)
-    assert lengths.tolist() == [T, 31, 7] and bool(fits.all())
-    q, k, v = inputs(jnp.float32)
-    got = kernels.fused_attention(q, k, v, lengths, scale=0.3, window=6, implementation="xla")
-    want = self_attention(q, k, v, mask, positions, scale=0.3, window=6, implementation="eager")
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+def test_cudnn_path_with_a_sliding_window():
+    """Right-padded and `pairs` rows with a window of 6 go through the fused call (positions are the indices),
+    forward and backward equal to eager; the call alone on them takes each row's length."""
+    for mask, positions, real in (layout("right_padding"), pairs_layout()):
+        lengths, fits = kernels.sequence_lengths(mask.segment, mask.branch, positions, check_positions=True)
+        assert bool(fits.all()) and lengths.tolist() == real.sum(axis=1).tolist()
+        assert_equal_to_eager("cudnn", mask, positions, real, window=6)
+    # positions that are not the indices (a caller's own) cannot use cuDNN's index-counted window
+    mask, positions, _ = layout("right_padding")
+    _, fits = kernels.sequence_lengths(mask.segment, mask.branch, positions + 1, check_positions=True)
+    assert not bool(fits.any())
 
 
 def test_auto_chooses_by_backend(monkeypatch):
-    """auto: splash on a TPU (blockwise for sliding-window layers), cuDNN on a GPU, eager or blockwise on the
-    CPU; on a GPU, float32 and soft-capped layers are not cuDNN's (the blockwise path)."""
-    for backend, window, want in (("tpu", None, "splash"), ("tpu", 4, "blockwise"), ("gpu", None, "cudnn"),
-                                  ("cpu", None, "blockwise")):
+    """auto: splash on a TPU, cuDNN on a GPU, eager or blockwise on the CPU; cuDNN does not take float32 on a
+    GPU, soft-capping, a traced scale or odd head dims (those layers go blockwise)."""
+    for backend, want in (("tpu", "splash"), ("gpu", "cudnn"), ("cpu", "blockwise")):
         monkeypatch.setattr(sharding, "platform", lambda backend=backend: backend)
-        assert choose_implementation("auto", 1024, 512, None, window) == want, (backend, window)
+        assert choose_implementation("auto", 1024, 512) == want, backend
     monkeypatch.setattr(sharding, "platform", lambda: "cpu")
-    assert choose_implementation("auto", 512, 512, None, None) == "eager"
-    assert not kernels.cudnn_expressible(jnp.float32, None, None, 0.1, gpu=True)
-    assert not kernels.cudnn_expressible(jnp.bfloat16, 50.0, None, 0.1, gpu=True)
-    assert kernels.cudnn_expressible(jnp.bfloat16, None, 4096, 0.1, gpu=True)
-    assert not kernels.cudnn_expressible(jnp.bfloat16, None, jnp.int32(4096), 0.1, gpu=True)
+    assert choose_implementation("auto", 512, 512) == "eager"
+    assert kernels.cudnn_expressible(jnp.bfloat16, 128, None, 0.1, gpu=True)
+    assert not kernels.cudnn_expressible(jnp.float32, 128, None, 0.1, gpu=True)
+    assert kernels.cudnn_expressible(jnp.float32, 128, None, 0.1, gpu=False)
+    assert not kernels.cudnn_expressible(jnp.bfloat16, 128, 50.0, 0.1, gpu=True)
+    assert not kernels.cudnn_expressible(jnp.bfloat16, 128, None, jnp.float32(0.1), gpu=True)
+    assert not kernels.cudnn_expressible(jnp.bfloat16, 12, None, 0.1, gpu=True)
+    assert not kernels.cudnn_expressible(jnp.bfloat16, 256, None, 0.1, gpu=True)
+
+
+def test_scanned_windows_use_the_kernel_on_full_attention_layers(monkeypatch):
+    """A traced window (a scan over sliding and full layers, Gemma 2/3): a NO_WINDOW layer takes the kernel and
+    equals eager attention, a sliding one the blockwise path (made to give NaN here, to see which ran)."""
+    from dpo_jax.models import attention
+
+    mask, positions, real = layout("packed")
+    q, k, v = inputs(jnp.float32)
+    want = self_attention(q, k, v, mask, positions, scale=0.3, implementation="eager")
+    monkeypatch.setattr(attention, "blockwise_attention", lambda q, *a, **kw: jnp.full_like(q, jnp.nan))
+    run = jax.jit(lambda q, k, v, window: self_attention(q, k, v, mask, positions, scale=0.3, window=window,
+                                                         implementation="splash"))
+    got = run(q, k, v, jnp.int32(attention.NO_WINDOW))
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+    assert np.isnan(np.asarray(run(q, k, v, jnp.int32(6)))).all()
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "gemma2"])
 def test_every_architecture_splash_equals_eager(name, tmp_path):
-    """Whole models on packed rows with the splash kernel (Gemma 2's sliding-window layers go blockwise):
+    """Whole models on packed rows with the splash kernel (Gemma 2's sliding layers go blockwise, its full
+    ones through the kernel, by a cond on the scanned window):
     hidden states at real tokens and every weight's gradient within 1e-5 of eager attention's."""
     import tiny_models
     from flax import nnx

@@ -41,6 +41,7 @@ from . import kernels
 # uniform softmax instead of NaN, and its output is ignored anyway.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 BLOCK = 512  # queries and keys per block of the blockwise path
+NO_WINDOW = int(np.iinfo(np.int32).max)  # a full-attention layer among sliding ones: every key is near enough
 IMPLEMENTATIONS = ("auto", "eager", "blockwise", "splash", "cudnn")
 
 
@@ -110,13 +111,14 @@ def eager_attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.A
     return out.reshape(b, t, h, e)
 
 
-def choose_implementation(implementation: str, length: int, block: int, softcap, window) -> str:
-    """What `auto` runs for a layer: splash on a TPU (layers without a sliding window), cuDNN on a GPU,
-    else eager for rows of at most one block and blockwise beyond. Others are returned as they are."""
+def choose_implementation(implementation: str, length: int, block: int) -> str:
+    """What `auto` runs: splash on a TPU, cuDNN on a GPU, else eager for rows of at most one block and
+    blockwise beyond. Others are returned as they are. (Layers a kernel cannot take go blockwise: see
+    self_attention.)"""
     if implementation != "auto":
         return implementation
     backend = sharding.platform()
-    if backend == "tpu" and window is None:
+    if backend == "tpu":
         return "splash"
     if backend == "gpu":
         return "cudnn"
@@ -127,31 +129,41 @@ def self_attention(q_BxTxHxE: jax.Array, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Ar
                    positions_BxT: jax.Array, *, scale: float | jax.Array, softcap: float | None = None,
                    window=None, implementation: str = "auto", block: int | None = None) -> jax.Array:
     """Attention of a row's tokens to each other under `mask` (see the module's docstring). [B, T, H, E].
-    `block`: queries and keys per block of the blockwise and splash paths (default BLOCK, SPLASH_BLOCK)."""
+    `window`: None, an int, or a traced scalar (a scanned layer's; NO_WINDOW: full attention). `block`:
+    queries and keys per block of the blockwise and splash paths (default BLOCK, SPLASH_BLOCK)."""
     t = q_BxTxHxE.shape[1]
-    implementation = choose_implementation(implementation, t, block or BLOCK, softcap, window)
+    implementation = choose_implementation(implementation, t, block or BLOCK)
+    if implementation not in IMPLEMENTATIONS[1:]:
+        raise ValueError(f"attn_implementation {implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
 
     def blockwise():
         return blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask, positions_BxT, scale=scale,
                                    softcap=softcap, window=window, block=block)
 
+    def kernel(window):  # splash or cuDNN for the rows and window they can take, else blockwise
+        if implementation == "splash":
+            if window is not None:  # the kernel's windows count row indices, ours positions
+                return blockwise()
+            return kernels.splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask.segment, mask.branch,
+                                            scale=scale, softcap=softcap, block=block)
+        gpu = sharding.platform() == "gpu"
+        if not kernels.cudnn_expressible(q_BxTxHxE.dtype, q_BxTxHxE.shape[-1], softcap, scale, gpu):
+            return blockwise()
+        lengths_B, fits_B = kernels.sequence_lengths(mask.segment, mask.branch, positions_BxT,
+                                                     check_positions=window is not None)
+        fused = functools.partial(kernels.fused_attention, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B,
+                                  scale=scale, window=window, implementation="cudnn" if gpu else "xla")
+        return jax.lax.cond(fits_B.all(), fused, blockwise)
+
     if implementation == "eager":
         return eager_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, dense_mask(mask, positions_BxT, window),
                                scale=scale, softcap=softcap)
-    if implementation == "blockwise" or (implementation == "splash" and window is not None):
+    if implementation == "blockwise":
         return blockwise()
-    if implementation == "splash":
-        return kernels.splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask.segment, mask.branch, scale=scale,
-                                        softcap=softcap, block=block)
-    if implementation == "cudnn":
-        gpu = sharding.platform() == "gpu"
-        if not kernels.cudnn_expressible(q_BxTxHxE.dtype, softcap, window, scale, gpu):
-            return blockwise()
-        lengths_B, fits_B = kernels.sequence_lengths(mask.segment, mask.branch)
-        fused = functools.partial(kernels.fused_attention, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, scale=scale,
-                                  window=window, implementation="cudnn" if gpu else "xla")
-        return jax.lax.cond(fits_B.all(), fused, blockwise)
-    raise ValueError(f"attn_implementation {implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    if window is None or isinstance(window, int):
+        return kernel(window)
+    # a scanned window (layers that slide among layers that do not): the kernel for the full-attention ones
+    return jax.lax.cond(window >= NO_WINDOW, lambda: kernel(None), blockwise)
 
 
 # ------------------------------------------------------------------------------------------------ blockwise

@@ -82,7 +82,8 @@ def splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_BxT, branch_BxT, *
 
     b, t, h, e = q_BxTxHxE.shape
     kv = k_BxTxKxE.shape[2]
-    block = block or (SPLASH_BLOCK if t > SPLASH_BLOCK else -(-t // 128) * 128)
+    if not block or block % 128:  # the multiple of 128 up to SPLASH_BLOCK that pads the row least
+        block = min(range(SPLASH_BLOCK, 0, -128), key=lambda size: -(-t // size) * size)
     pad = -t % block
     if pad:  # whole blocks; the padding matches nothing (segment -1)
         def widen(x, value=0):
@@ -126,23 +127,30 @@ def per_device_heads(f, heads, ids):
 
 
 # ----------------------------------------------------------------------------------------------------- cuDNN
-def cudnn_expressible(dtype, softcap, window, scale, gpu: bool) -> bool:
+def cudnn_expressible(dtype, head_dim: int, softcap, scale, gpu: bool) -> bool:
     """Whether cuDNN's fused attention can take a layer at all (the rows are checked per batch): no soft cap,
-    a window and scale known when tracing, and on a GPU bfloat16 or float16 (elsewhere the call's XLA
-    implementation runs, in any dtype)."""
-    static = (window is None or isinstance(window, int)) and isinstance(scale, (int, float))
-    return softcap is None and static and (not gpu or jnp.dtype(dtype) in CUDNN_DTYPES)
+    a scale known when tracing, head dim a multiple of 8 up to 128, and on a GPU bfloat16 or float16
+    (elsewhere the call's XLA implementation runs, in any dtype)."""
+    shapes = head_dim % 8 == 0 and head_dim <= 128
+    return softcap is None and isinstance(scale, (int, float)) and shapes and (
+        not gpu or jnp.dtype(dtype) in CUDNN_DTYPES)
 
 
-def sequence_lengths(segment_BxT: jax.Array, branch_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sequence_lengths(segment_BxT: jax.Array, branch_BxT: jax.Array, positions_BxT: jax.Array | None = None, *,
+                     check_positions: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per row, int32 [B]: how many real tokens, and whether the row is one causal sequence from index 0 (real
-    tokens first, one segment, at most one completion branch): all cuDNN's lengths can say."""
+    tokens first, one segment, at most one completion branch; with `check_positions`, positions equal to the
+    indices, as cuDNN's sliding window counts indices): all cuDNN's lengths can say."""
     real = (segment_BxT >= 0) & (branch_BxT >= 0)
+    index = jnp.arange(real.shape[1])
     lengths = real.sum(axis=1).astype(jnp.int32)
-    prefix = (real == (jnp.arange(real.shape[1]) < lengths[:, None])).all(axis=1)
+    prefix = (real == (index < lengths[:, None])).all(axis=1)
     one_segment = jnp.where(real, segment_BxT == segment_BxT[:, :1], True).all(axis=1)
     one_branch = ~((real & (branch_BxT == 1)).any(axis=1) & (real & (branch_BxT == 2)).any(axis=1))
-    return lengths, prefix & one_segment & one_branch
+    fits = prefix & one_segment & one_branch
+    if check_positions:
+        fits &= jnp.where(real, positions_BxT == index, True).all(axis=1)
+    return lengths, fits
 
 
 def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, lengths_B, *, scale, window=None,

@@ -19,7 +19,7 @@ from flax import nnx
 
 from ..errors import CheckpointError
 from ..sharding import constrain_rows
-from .attention import TokenMask, eager_attention, self_attention, wide
+from .attention import NO_WINDOW, TokenMask, eager_attention, self_attention, wide
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -364,7 +364,6 @@ class GatedMLP(nnx.Module):
 # Stacked blocks
 
 LAYERS = "layers"  # the logical axis of stacked blocks' weights (not split over the mesh: see sharding.py)
-NO_WINDOW = int(np.iinfo(np.int32).max)  # a full-attention layer among sliding ones: every key is near enough
 
 
 # What the backward pass of the scan keeps without remat: every matmul's output, while elementwise results

@@ -62,6 +62,22 @@ def test_splash_over_several_blocks():
     assert_equal_to_eager("splash", mask, jnp.asarray(positions, jnp.int32), segment >= 0, block=128, t=300)
 
 
+def test_splash_kernel_serves_several_programs():
+    """The kernel of a row length is made once (cached) and used by every program traced at that length: a
+    second jitted program and a gradient after the first (a train step, then evaluation)."""
+    mask, positions, real = layout("packed")
+    q, k, v = inputs(jnp.float32)
+
+    def attend(q):
+        return self_attention(q, k, v, mask, positions, scale=0.3, implementation="splash")
+
+    first = jax.jit(attend)(q)
+    second = jax.jit(lambda q: attend(q) * 2)(q)
+    grad = jax.jit(jax.grad(lambda q: attend(q).sum()))(q)
+    np.testing.assert_allclose(np.asarray(second), 2 * np.asarray(first), rtol=1e-6)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
 def test_splash_calls_split_only_rows_with_both_branches():
     """The second kernel call takes the rejected tokens of segments that also hold a chosen branch, and sees
     their prompt and themselves; `pairs` rows and padding masks need one call."""

@@ -69,9 +69,11 @@ def _splash_kernel(length: int, group: int, block: int, softcap: float | None, i
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * group)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    # one kernel per key/value head, its G query heads sharing the keys (multi-query attention)
-    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, attn_logits_soft_cap=softcap,
-                                                interpret=interpret)
+    # one kernel per key/value head, its G query heads sharing the keys (multi-query attention). Its block
+    # tables become arrays: made as constants, not as tracers of the first trace (the kernel is cached)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, attn_logits_soft_cap=softcap,
+                                                    interpret=interpret)
 
 
 def splash_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_BxT, branch_BxT, *, scale, softcap=None,

@@ -64,7 +64,7 @@ class RunConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
     mesh: str = "fsdp=-1"  # data=2,fsdp=-1,tensor=1 style; -1 takes the remaining devices
     pack_pairs: str = "packed"  # packed (pairs share rows, each prompt once), shared_prefix (a row per pair) or pairs
-    attn_implementation: str = "auto"  # auto (by backend), eager, blockwise (flash-style, pure JAX), splash (TPU), cudnn (GPU): see README
+    attn_implementation: str = "auto"  # auto (by backend), eager, blockwise (flash-style, pure JAX), splash (TPU; interpreted elsewhere), cudnn (GPU; XLA elsewhere): see README
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
     memory_limit_gb: float | None = None  # per-device memory to plan for; default: what the device reports

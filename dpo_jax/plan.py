@@ -127,6 +127,7 @@ def plan(o, topology: str | None = None) -> dict:
     from . import hlo, memory
     from . import step as S
     from .hf import load_config
+    from .models.attention import choose_implementation
     from .sharding import check_mesh, make_mesh, parse_mesh
 
     if not o.run.model_name_or_path:
@@ -155,13 +156,18 @@ def plan(o, topology: str | None = None) -> dict:
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     pairs = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
     shown_mesh = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    attention = choose_implementation(o.run.attn_implementation, length, backend=devices[0].platform)
+    if attention != o.run.attn_implementation:
+        attention = f"{o.run.attn_implementation} ({attention})"
     print(f"plan: {o.run.model_name_or_path} on {name}: {len(devices)} chips ({kind}), mesh {shown_mesh}\n"
           f"  {pairs} pairs per step ({o.run.per_device_train_batch_size} per device x {batch_devices} x "
           f"{o.run.gradient_accumulation_steps} accumulation), pack_pairs {o.run.pack_pairs}, rows of {length} "
           f"tokens, {'bfloat16' if bf16 else 'float32'} compute, {'LoRA' if o.lora.use_peft else 'full fine-tune'}, "
-          f"reference {'precomputed' if o.run.precompute_ref_log_probs else 'live'}", flush=True)
+          f"reference {'precomputed' if o.run.precompute_ref_log_probs else 'live'}, attention {attention}",
+          flush=True)
     figures = {"topology": name, "chips": len(devices), "device_kind": kind, "mesh": dict(mesh.shape),
-               "pairs_per_step": pairs, "row_length": length, "hbm": hbm, "hbm_source": source}
+               "pairs_per_step": pairs, "row_length": length, "hbm": hbm, "hbm_source": source,
+               "attn_implementation": attention}
 
     def compile_with(remat: bool):
         print(f"  compiling the train step (gradient_checkpointing {str(remat).lower()}) ...", flush=True)

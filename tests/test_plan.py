@@ -256,7 +256,9 @@ def test_the_host_is_planned_the_same_way(tmp_path, capsys):
                  "--output_json", str(tmp_path / "p.json")]) == 0
     figures = json.loads((tmp_path / "p.json").read_text())
     assert figures["chips"] == 8 and figures["fits"] is True and "host memory" in figures["hbm_source"]
-    assert "8 chips (cpu)" in capsys.readouterr().out
+    assert figures["attn_implementation"] == "auto (eager)"  # 128-token rows on the CPU
+    out = capsys.readouterr().out
+    assert "8 chips (cpu)" in out and "attention auto (eager)" in out
 
 
 def test_fsdp_gathers_the_head_once_per_pass_and_reduces_its_gradient_once(tmp_path):
@@ -269,6 +271,7 @@ def test_fsdp_gathers_the_head_once_per_pass_and_reduces_its_gradient_once(tmp_p
     figures = plan.plan(options.parse(["--model_name_or_path", model, "--max_length", "4096",
                                        "--per_device_train_batch_size", "1", "--pack_pairs", "pairs",
                                        "--gradient_checkpointing", "true", "--bf16", "true"]), "v5e:2x4")
+    assert figures["attn_implementation"] == "auto (splash)"  # auto's choice on a TPU, named
     head = 512 * 65536
     block = 512 * (4 * 128 + 2 * 2 * 128 + 4 * 128) + 3 * 512 * 1024 + 2 * 512  # q, k, v, o; the MLP; 2 norms
     assert figures["model_parameters"] == 2 * head + 2 * block + 512  # embedding, head, 2 blocks, the final norm

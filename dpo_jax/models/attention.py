@@ -111,13 +111,13 @@ def eager_attention(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.A
     return out.reshape(b, t, h, e)
 
 
-def choose_implementation(implementation: str, length: int, block: int) -> str:
-    """What `auto` runs: splash on a TPU, cuDNN on a GPU, else eager for rows of at most one block and
-    blockwise beyond. Others are returned as they are. (Layers a kernel cannot take go blockwise: see
-    self_attention.)"""
+def choose_implementation(implementation: str, length: int, block: int = BLOCK, backend: str | None = None) -> str:
+    """What `auto` runs on `backend` (default: the traced step's): splash on a TPU, cuDNN on a GPU, else eager
+    for rows of at most one block and blockwise beyond. Others are returned as they are. (Layers a kernel
+    cannot take go blockwise: see self_attention.)"""
     if implementation != "auto":
         return implementation
-    backend = sharding.platform()
+    backend = backend or sharding.platform()
     if backend == "tpu":
         return "splash"
     if backend == "gpu":

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention import LAYOUTS, B, E, H, T, inputs, layout, pair_rows
+from test_attention import LAYOUTS, B, E, H, T, assert_model_equals_eager, inputs, layout, pair_rows
 
 from dpo_jax import sharding
 from dpo_jax.models import kernels
@@ -186,30 +186,6 @@ def test_scanned_windows_use_the_kernel_on_full_attention_layers(monkeypatch):
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "gemma2"])
 def test_every_architecture_splash_equals_eager(name, tmp_path):
     """Whole models on packed rows with the splash kernel (Gemma 2's sliding layers go blockwise, its full
-    ones through the kernel, by a cond on the scanned window):
-    hidden states at real tokens and every weight's gradient within 1e-5 of eager attention's."""
-    import tiny_models
-    from flax import nnx
-
-    from dpo_jax import from_pretrained
-
-    tiny_models.make_model(name).save_pretrained(tmp_path)
-    model = from_pretrained(str(tmp_path))
-    segment, branch, positions = pair_rows([[(3, 4, 5), (2, 3, 2)], [(0, 6, 4)]], 24)
-    mask = TokenMask(jnp.asarray(segment, jnp.int32), jnp.asarray(branch, jnp.int32))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, segment.shape), jnp.int32)
-    real = jnp.asarray(segment >= 0)
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(*segment.shape, 64)), jnp.float32) * real[..., None]
-    graphdef, params = nnx.split(model)
-
-    def loss(params, implementation):
-        hidden = nnx.merge(graphdef, params).hidden_states(ids, mask, jnp.asarray(positions, jnp.int32),
-                                                           attn_implementation=implementation)
-        return (hidden * weights).sum(), hidden
-
-    (_, eager), eager_grads = jax.value_and_grad(loss, has_aux=True)(params, "eager")
-    (_, splash), splash_grads = jax.value_and_grad(loss, has_aux=True)(params, "splash")
-    np.testing.assert_allclose(np.asarray(splash)[np.asarray(real)], np.asarray(eager)[np.asarray(real)],
-                               rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(eager_grads), jax.tree.leaves(splash_grads)):
-        assert np.linalg.norm(np.asarray(b) - np.asarray(a)) <= 1e-5 * max(1.0, np.linalg.norm(np.asarray(a)))
+    ones through the kernel, by a cond on the scanned window): hidden states and every weight's gradient equal
+    eager's (test_attention.assert_model_equals_eager)."""
+    assert_model_equals_eager(name, "splash", tmp_path)

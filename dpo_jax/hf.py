@@ -28,6 +28,7 @@ from .assets import smollm2_path
 from .errors import CheckpointError, lfs_pointer_hint
 from .lora import merged_kernels
 from .models import config_from_hf, family
+from .models import quant
 from .models.layers import LAYERS
 from .namemap import NameMap
 
@@ -274,16 +275,28 @@ def _slice_setter(target):
 
 
 def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source: str, dtype, param_dtype,
-                 mesh=None) -> nnx.Module:
+                 mesh=None, quantization: str | None = None) -> nnx.Module:
     """Build `model_cls(cfg)` from checkpoint tensors without ever initialising it randomly.
 
     A stacked parameter (blocks' weights, leading layer axis) is filled tensor by tensor too: its zeros are
     made in its sharding, then each layer's tensor is placed in the layer's sharding (as any other tensor) and
     written into its slice in place, so the host holds one tensor at a time and the devices the stack plus one
-    layer's slice."""
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    layer's slice. With `quantization` (models/quant.py) every linear kernel but the head is quantised as it is
+    placed, a layer at a time: the float kernel of one layer is all that is ever held of it."""
+    def build():
+        model = model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        return quant.quantize_linears(model, quantization)
+    abstract = nnx.eval_shape(build)
+    # a quantised kernel is filled from the checkpoint's kernel: it stands in the plan as `<layer>.kernel`
+    quantized = {_path_str((*p, "kernel")): (_path_str((*p, "codes")), _path_str((*p, "scales")), m.kind)
+                 for p, m in nnx.iter_graph(abstract) if isinstance(m, quant.QuantizedLinear)}
     graphdef, abstract_state = nnx.split(abstract)
     params = {_path_str(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
+    parts = {part: params.pop(part) for codes, scales, _ in quantized.values() for part in (codes, scales)}
+    for kernel, (codes, _, _) in quantized.items():  # the float kernel the codes come from
+        _, variable = parts[codes]
+        value = variable.get_value()
+        params[kernel] = (None, variable.replace(jax.ShapeDtypeStruct(value.shape, param_dtype)))
     layers = {path: v.get_value().shape[0] for path, (_, v) in params.items() if _is_stacked(v)}
     slots = {(path, i) for path, n in layers.items() for i in range(n)}
     slots |= {(path, None) for path in params if path not in layers}
@@ -331,7 +344,9 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
         _, variable = params[path]
         axes = variable.get_metadata().get("out_sharding")
         abstract_value = variable.get_value()
-        if layer is None:
+        if path in quantized:
+            _fill_quantized(filled, quantized[path], parts, array, layer, axes, mesh)
+        elif layer is None:
             filled[path] = _place(array, abstract_value, axes, mesh)
         else:
             target = _stacked_sharding(abstract_value, axes, mesh)
@@ -340,8 +355,27 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
             part = _place(array, jax.ShapeDtypeStruct(abstract_value.shape[1:], abstract_value.dtype), axes[1:], mesh)
             filled[path] = _slice_setter(target)(filled[path], part, layer)
         del array
+    params = {path: entry for path, entry in params.items() if path not in quantized} | parts
     state = [(key, variable.replace(filled[path])) for path, (key, variable) in params.items()]
     return nnx.merge(graphdef, nnx.from_flat_state(state))
+
+
+def _fill_quantized(filled: dict, names: tuple[str, str, str], parts: dict, array: np.ndarray, layer: int | None,
+                    axes, mesh) -> None:
+    """Quantise one kernel (one layer's, for a stack) placed in its sharding, into its codes and scales."""
+    codes_path, scales_path, kind = names
+    placed = _place(array, jax.ShapeDtypeStruct(array.shape, jnp.float32), axes if layer is None else axes[1:], mesh)
+    codes, scales = quant.quantize_array(placed, kind, axes if layer is None else axes[1:], mesh)
+    del placed
+    if layer is None:
+        filled[codes_path], filled[scales_path] = codes, scales
+        return
+    for path, part in ((codes_path, codes), (scales_path, scales)):
+        abstract_value = parts[path][1].get_value()
+        target = _stacked_sharding(abstract_value, axes, mesh)
+        if path not in filled:
+            filled[path] = jnp.zeros(abstract_value.shape, abstract_value.dtype, device=target)
+        filled[path] = _slice_setter(target)(filled[path], part, layer)
 
 
 def _is_stacked(variable) -> bool:
@@ -377,7 +411,8 @@ def load_config(path_or_repo_id: str, *, trust_remote_code: bool = False):
 
 
 def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    mesh: jax.sharding.Mesh | None = None, trust_remote_code: bool = False) -> nnx.Module:
+                    mesh: jax.sharding.Mesh | None = None, trust_remote_code: bool = False,
+                    quantization: str | None = None) -> nnx.Module:
     """Load a causal LM from a Hugging Face directory or repo id, or a .gguf file.
 
     Weights come from model.safetensors, sharded safetensors (model.safetensors.index.json),
@@ -386,6 +421,8 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
     tensor is placed straight into the sharding its logical axes map to (see `sharding.py`).
     `trust_remote_code` lets transformers import the config class that config.json's `auto_map` names (the model
     itself is always dpo-jax's own code, chosen by `model_type`); without it that code is never run.
+    `quantization` (int8, nf4, fp4; models/quant.py): the linear kernels but the head are held quantised, each
+    quantised as it is loaded (a frozen model: the reference, or a QLoRA base).
     """
     location = _resolve(path_or_repo_id)
     if location.endswith(".gguf"):
@@ -401,7 +438,7 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
     _untie_if_head_differs(hf_config, tensors, name_map, module.EMBEDDING_PATH)
     cfg = config_from_hf(hf_config)
     return load_weights(module.Model, cfg, tensors, name_map, source=location, dtype=dtype,
-                        param_dtype=param_dtype, mesh=mesh)
+                        param_dtype=param_dtype, mesh=mesh, quantization=quantization)
 
 
 def load_tokenizer(path_or_repo_id: str, *, trust_remote_code: bool = False):
@@ -454,10 +491,16 @@ def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, int | N
     module = family(model.config.model_type)
     name_map = NameMap(module.HF_RULES, module.HF_IGNORED, module.HF_BASE_PREFIX)
     merged = merged_kernels(model)
+    dequantized = {(*path, "codes"): module for path, module in nnx.iter_graph(model)
+                   if isinstance(module, quant.QuantizedLinear)}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if isinstance(variable, nnx.LoRAParam):
+        if isinstance(variable, nnx.LoRAParam) or (isinstance(variable, quant.Quantized) and path[-1] == "scales"):
             continue  # folded into its kernel below
-        array = merged.get(path, variable.get_value())
+        if path in dequantized:  # a quantised kernel is written dequantised, in float32
+            path = (*path[:-1], "kernel")
+            array = merged[path] if path in merged else dequantized[(*path[:-1], "codes")].float_kernel()
+        else:
+            array = merged.get(path, variable.get_value())
         for layer in range(array.shape[0]) if _is_stacked(variable) else (None,):
             name, transpose = name_map.to_theirs(_path_str(path), layer)
             yield name, array, layer, transpose

@@ -20,6 +20,7 @@ from flax import nnx
 
 from . import sharding
 from .errors import UserError
+from .models import quant
 from .models.layers import Linear, LoRAKey
 
 ALL_LINEAR = "all-linear"  # every Linear but the output head, as PEFT's "all-linear"
@@ -55,15 +56,16 @@ def apply_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.
         name = str(path[-1])
         if name == "lm_head" or (targets != ALL_LINEAR and name not in targets):
             continue
-        *layers, d_in, d_out = linear.kernel.shape  # layers: (L,) for a stacked linear, else ()
-        axes = linear.kernel.get_metadata().get("out_sharding") or (None,) * linear.kernel.ndim
+        layout = linear.layout  # the kernel, or a quantised kernel's codes
+        *layers, d_in, d_out = layout.shape  # layers: (L,) for a stacked linear, else ()
+        axes = layout.get_metadata().get("out_sharding") or (None,) * layout.ndim
         *layer_axes, in_axis, out_axis = axes
         bound = 1.0 / jnp.sqrt(d_in)
-        dtype = linear.kernel[...].dtype
+        dtype = linear.weight_dtype  # a quantised base's adapters: its scales' float32
         a = jax.random.uniform(jax.random.fold_in(key, count), (*layers, d_in, rank), dtype, -bound, bound)
         b = jnp.zeros((*layers, rank, d_out), dtype)
         a_axes, b_axes = (*layer_axes, in_axis, None), (*layer_axes, None, out_axis)
-        placed = getattr(linear.kernel[...], "sharding", None)
+        placed = getattr(layout.get_value(), "sharding", None)
         if isinstance(placed, jax.sharding.NamedSharding):  # the model is on a mesh: the adapters go there too
             a = jax.device_put(a, sharding.param_sharding(a_axes, a.shape, placed.mesh))
             b = jax.device_put(b, sharding.param_sharding(b_axes, b.shape, placed.mesh))
@@ -104,12 +106,12 @@ def dropout_keys(keys: nnx.State, salt: jax.Array, seed: int) -> nnx.State:
 
 
 def merged_kernels(model) -> dict:
-    """Kernels with their adapters folded in (W + scale * A B, in float32, cast back; layer by layer for stacked
-    ones), by parameter path."""
+    """Kernels with their adapters folded in (W + scale * A B, in float32, cast back; a quantised kernel is
+    dequantised to float32 first), by parameter path."""
     out = {}
     for path, module in nnx.iter_graph(model):
         if isinstance(module, Linear) and module.lora_a is not None:
-            kernel = module.kernel.get_value()
+            kernel = module.float_kernel()
             delta = module.lora_scale * (module.lora_a.get_value().astype(jnp.float32)
                                          @ module.lora_b.get_value().astype(jnp.float32))
             out[(*path, "kernel")] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
@@ -117,8 +119,9 @@ def merged_kernels(model) -> dict:
 
 
 def merge(model):
-    """Fold the adapters into their kernels, in place: the model becomes a plain model computing the same."""
-    merged = merged_kernels(model)
+    """Fold the adapters into their kernels, in place: the model becomes a plain model computing the same (a
+    quantised base is dequantised to float32 kernels first: QLoRA's merge)."""
+    merged = merged_kernels(quant.dequantize_linears(model))
     for path, module in nnx.iter_graph(model):
         if (*path, "kernel") in merged:
             module.kernel.set_value(merged[(*path, "kernel")])

@@ -22,7 +22,8 @@ from flax import nnx
 from . import lora, sharding
 from . import step as S
 from .errors import UserError
-from .models import family
+from .models import family, quant
+from .options import frozen_quantization
 
 GB = 1024 ** 3
 
@@ -50,11 +51,17 @@ def frozen_dtype(o, compute):
     return compute if o.run.ref_dtype == "auto" else jnp.dtype(o.run.ref_dtype)
 
 
+def held_in_frozen_dtype(variable) -> bool:
+    """Whether a frozen weight is held in the frozen dtype: a float matrix (2+ dimensions per layer); vectors stay
+    as loaded, quantised codes and their scales as quantised (models/quant.py)."""
+    return sharding.is_matrix(variable) and not isinstance(variable, quant.Quantized)
+
+
 def _held_frozen(tree, dtype):
-    """As trainer.hold_frozen holds them: matrices (2+ dimensions) in `dtype`, vectors as loaded."""
+    """As trainer.hold_frozen holds them: float matrices in `dtype`, the rest as loaded."""
     def hold(variable):
         x = variable.get_value()
-        return variable.replace(jax.ShapeDtypeStruct(x.shape, dtype if sharding.is_matrix(variable) else x.dtype,
+        return variable.replace(jax.ShapeDtypeStruct(x.shape, dtype if held_in_frozen_dtype(variable) else x.dtype,
                                                      sharding=x.sharding))
     return jax.tree.map(hold, tree, is_leaf=sharding.is_variable)
 
@@ -62,21 +69,25 @@ def _held_frozen(tree, dtype):
 def abstract_models(o, config, ref_config, mesh, dtype, remat: bool):
     """(graphdef, params, ref_graphdef, ref) of the run as the trainer builds them (trainer.build_models), from
     the configs alone. `ref_config` None: no live reference (precomputed log-probs, or reference-free)."""
-    def build(cfg, with_adapters: bool):
+    kind = frozen_quantization(o)
+
+    def build(cfg, with_adapters: bool, quantization: str | None = None):
         model = family(cfg.model_type).Model(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-        if with_adapters:  # inside eval_shape: the adapters' initialisation is traced, never run
+        quant.quantize_linears(model, quantization)  # inside eval_shape: traced, never run
+        if with_adapters:
             lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
                             seed=o.run.seed)
         return model
 
-    policy = nnx.eval_shape(lambda: build(config, o.lora.use_peft))
+    policy = nnx.eval_shape(lambda: build(config, o.lora.use_peft, kind if o.lora.use_peft else None))
     if o.lora.use_peft:
         graphdef, adapters, (keys, base) = lora.split_lora(policy, remat)
         base = _held_frozen(_abstract(base, mesh), frozen_dtype(o, dtype))
         return graphdef, _abstract(adapters, mesh), None, (_abstract(keys, mesh), base)
     ref_graphdef = ref = None
     if ref_config is not None:
-        ref_model = policy if ref_config is config else nnx.eval_shape(lambda: build(ref_config, False))
+        ref_model = (policy if ref_config is config and kind is None
+                     else nnx.eval_shape(lambda: build(ref_config, False, kind)))
         ref_graphdef, ref = S.split_reference(ref_model, remat)
         ref = _held_frozen(_abstract(ref, mesh), frozen_dtype(o, dtype))
     graphdef, params = S.split_policy(policy, remat)
@@ -193,11 +204,16 @@ def fitting_step(compile_with, remat: bool | None, limit: int | None) -> Step:
 
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of the arrays (or ShapeDtypeStructs with shardings) in `tree`: each leaf's
-    shard shape on its mesh, the largest shard where they differ."""
+    shard shape on its mesh, the largest shard where they differ. 4-bit codes count half a byte where XLA packs
+    them (TPU, GPU) and a byte on the CPU, which holds one per byte."""
     total = 0
     for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+        placed = getattr(leaf, "sharding", None)
+        shard = placed.shard_shape(leaf.shape) if placed else leaf.shape
+        bits = jax.dtypes.itemsize_bits(leaf.dtype)
+        if bits < 8 and (placed is None or next(iter(placed.device_set)).platform == "cpu"):
+            bits = 8
+        total += math.prod(shard) * bits // 8
     return total
 
 

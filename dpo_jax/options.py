@@ -18,6 +18,7 @@ from .config import DataConfig, check_range, check_seed
 from .errors import UserError
 from .losses import LOSSES, LossConfig
 from .models.attention import IMPLEMENTATIONS
+from .models.quant import KINDS as QUANTIZATION_KINDS
 from .step import SCHEDULES, OptimConfig
 
 
@@ -30,6 +31,10 @@ class LoraConfig:
     lora_alpha: int = 32  # adapter scale alpha / r
     lora_dropout: float = 0.05  # dropout on the adapters' input in training
     lora_target_modules: tuple[str, ...] | None = None  # layer names; default q_proj,v_proj (GPT-2: c_attn); or all-linear
+    load_in_4bit: bool = False  # QLoRA: the frozen base (and so the reference) held in 4 bits (bnb_4bit_quant_type)
+    load_in_8bit: bool = False  # the frozen base (and so the reference) held in int8, one scale per column
+    bnb_4bit_quant_type: str = "nf4"  # load_in_4bit's format: nf4 (QLoRA's NormalFloat) or fp4 (e2m1), blocks of 64
+    use_bnb_nested_quant: bool = False  # not supported (scales stay float32); kept so that TRL's option is explained
 
     def __post_init__(self):
         check_range("lora_r", self.lora_r, 1)
@@ -59,6 +64,7 @@ class RunConfig:
     seed: int = 42  # data order, LoRA initialisation and dropout
     bf16: bool | None = None  # bfloat16 compute; default: on accelerators yes, on the CPU no
     ref_dtype: str = "auto"  # frozen reference (and LoRA base) matrices: auto (the compute dtype), float32, bfloat16
+    ref_quantization: str = "none"  # a full fine-tune's reference held quantised: none, int8, nf4, fp4 (LoRA: load_in_4bit)
     gradient_checkpointing: bool | None = None  # recompute blocks in the backward pass; None: when memory needs it
     precompute_ref_log_probs: bool = False  # one reference pass before training, cached; no reference in memory
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
@@ -104,7 +110,34 @@ CHOICES = {
     "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
     "distributed": ("auto", "true", "false"), "save_strategy": ("steps", "no"),
     "ref_dtype": ("auto", "float32", "bfloat16"), "attn_implementation": IMPLEMENTATIONS,
+    "ref_quantization": ("none", *QUANTIZATION_KINDS), "bnb_4bit_quant_type": ("nf4", "fp4"),
 }
+
+
+def frozen_quantization(o: Options) -> str | None:
+    """How the frozen weights are held (models/quant.py): a LoRA run's base (which is its reference) by TRL's
+    load_in_4bit / load_in_8bit, a full fine-tune's reference by ref_quantization; None: unquantised. Combinations
+    that TRL would refuse or read differently are errors that say what to give instead."""
+    lo = o.lora
+    if lo.use_bnb_nested_quant:
+        raise UserError("use_bnb_nested_quant: not supported; the 4-bit scales stay float32 (one per 64 weights, "
+                        "0.5 bits a weight). Drop the option.")
+    if lo.load_in_4bit and lo.load_in_8bit:
+        raise UserError("load_in_4bit and load_in_8bit are both true: give one (as TRL)")
+    if (lo.load_in_4bit or lo.load_in_8bit) and not lo.use_peft:
+        raise UserError(f"load_in_{'4' if lo.load_in_4bit else '8'}bit quantises the frozen base of a LoRA run (QLoRA: "
+                        f"add --use_peft true); a full fine-tune trains every weight in full precision. To hold a full "
+                        f"fine-tune's reference quantised, give --ref_quantization "
+                        f"{lo.bnb_4bit_quant_type if lo.load_in_4bit else 'int8'} instead.")
+    if lo.use_peft and o.run.ref_quantization != "none":
+        raise UserError(f"ref_quantization {o.run.ref_quantization} with use_peft: a LoRA run's reference is its base "
+                        f"model, so quantise the base: --load_in_4bit true (bnb_4bit_quant_type nf4 or fp4) or "
+                        f"--load_in_8bit true")
+    if lo.load_in_4bit:
+        return lo.bnb_4bit_quant_type
+    if lo.load_in_8bit:
+        return "int8"
+    return None if o.run.ref_quantization == "none" else o.run.ref_quantization
 
 
 def _fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:

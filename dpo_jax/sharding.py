@@ -108,12 +108,16 @@ def constrain_rows(x: jax.Array, *rest: str | None) -> jax.Array:
 
 def gather_weight(variable) -> jax.Array:
     """A parameter's value gathered over fsdp (still split over tensor) while tracing under `activations_on`, as
-    its matmul uses it (a sharding constraint: XLA places the gather); unchanged otherwise."""
+    its matmul uses it (a sharding constraint: XLA places the gather); unchanged otherwise. A stacked weight's
+    layer (its variable still names the layer axis) is gathered as the layer's weight."""
     value = variable.get_value()
     mesh = _ACTIVATION_MESH.get()
     if mesh is None or mesh.shape["fsdp"] == 1:
         return value
-    spec = gathered_spec(variable.get_metadata().get("out_sharding"), value.shape, mesh)
+    axes = variable.get_metadata().get("out_sharding")
+    if axes and len(axes) > value.ndim:  # one layer of a stacked weight, inside the scan over the blocks
+        axes = axes[len(axes) - value.ndim:]
+    spec = gathered_spec(axes, value.shape, mesh)
     return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
 
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import audit, lora, memory, reference, report, rundir
@@ -37,8 +38,9 @@ from .checkpoint import Checkpoints, abstract
 from .data import MissingSplit
 from .errors import UserError
 from .hf import from_pretrained, load_config, load_tokenizer
-from .options import Options
-from .sharding import check_mesh, is_matrix, is_variable, make_mesh, parse_mesh
+from .models import quant
+from .options import Options, frozen_quantization
+from .sharding import check_mesh, is_variable, make_mesh, parse_mesh
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,8 @@ def hold_frozen(params, dtype):
     in float32 maths (Gemma's norms). A fresh copy either way (the policy's buffers are donated to its state)."""
     def hold(variable):
         x = variable.get_value()
-        return variable.replace(x.astype(dtype) if is_matrix(variable) and x.dtype != dtype else jnp.copy(x))
+        cast = memory.held_in_frozen_dtype(variable) and x.dtype != dtype
+        return variable.replace(x.astype(dtype) if cast else jnp.copy(x))
     return jax.tree.map(hold, params, is_leaf=is_variable)
 
 
@@ -131,12 +134,17 @@ def check_reference_vocab(policy_config, model_path: str, ref_path: str, trust_r
 
 
 def build_models(o: Options, mesh, dtype) -> Models:
+    """The policy and its reference. QLoRA (use_peft with load_in_4bit / load_in_8bit): the base is quantised as it
+    is loaded and is the reference too. A full fine-tune's reference with ref_quantization: the policy's weights
+    quantised kernel by kernel (or the other reference model's, as it is loaded)."""
+    kind = frozen_quantization(o)
+    if o.lora.use_peft and o.run.ref_model_name_or_path:
+        raise UserError("use_peft trains adapters against their own base model, so ref_model_name_or_path "
+                        "is not used with it; drop one of the two (as TRL)")
     policy = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh,
-                             trust_remote_code=o.run.trust_remote_code)
+                             trust_remote_code=o.run.trust_remote_code,
+                             quantization=kind if o.lora.use_peft else None)
     if o.lora.use_peft:
-        if o.run.ref_model_name_or_path:
-            raise UserError("use_peft trains adapters against their own base model, so ref_model_name_or_path "
-                            "is not used with it; drop one of the two (as TRL)")
         lora.apply_lora(policy, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o),
                         o.lora.lora_dropout, seed=o.run.seed)
         graphdef, params, (keys, base) = lora.split_lora(policy, o.run.gradient_checkpointing)
@@ -144,11 +152,14 @@ def build_models(o: Options, mesh, dtype) -> Models:
                       policy.config)
     ref_path = o.run.ref_model_name_or_path
     if not ref_path or ref_path == o.run.model_name_or_path:  # the usual case: a copy, not a second load
-        ref_graphdef, ref = S.split_reference(policy, o.run.gradient_checkpointing)
+        # (quantised: a second module tree over the policy's arrays, whose kernels are then replaced by codes)
+        ref_model = policy if kind is None else quant.quantize_linears(nnx.merge(*nnx.split(policy)), kind)
+        ref_graphdef, ref = S.split_reference(ref_model, o.run.gradient_checkpointing)
         ref, ref_config = hold_frozen(ref, frozen_dtype(o, dtype)), policy.config
     else:
         check_reference_vocab(policy.config, o.run.model_name_or_path, ref_path, o.run.trust_remote_code)
-        ref_model = from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=o.run.trust_remote_code)
+        ref_model = from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=o.run.trust_remote_code,
+                                    quantization=kind)
         (ref_graphdef, ref), ref_config = S.split_reference(ref_model, o.run.gradient_checkpointing), ref_model.config
         ref = hold_frozen(ref, frozen_dtype(o, dtype))
     graphdef, params = S.split_policy(policy, o.run.gradient_checkpointing)

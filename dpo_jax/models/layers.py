@@ -51,7 +51,7 @@ class Linear(nnx.Module):
         bfloat16 logits are not rounded before the softmax). `kernel`: this layer's kernel as the caller laid it
         out (the output head gathered once for all its chunks, logps.py)."""
         x = x.astype(self.dtype)
-        kernel = self.kernel[...] if kernel is None else kernel
+        kernel = self.weight() if kernel is None else kernel
         y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=preferred_element_type)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
@@ -65,6 +65,24 @@ class Linear(nnx.Module):
             y = y + self.lora_scale * jnp.dot(jnp.dot(xa, self.lora_a[...].astype(self.dtype)),
                                               self.lora_b[...].astype(self.dtype))
         return y
+
+    def weight(self) -> jax.Array:
+        """The kernel [in, out] as the matmul uses it (a quantised layer dequantises here: quant.py)."""
+        return self.kernel[...]
+
+    @property
+    def layout(self) -> nnx.Variable:
+        """The variable shaped and sharded like the kernel [.., in, out] (LoRA places its adapters by it)."""
+        return self.kernel
+
+    @property
+    def weight_dtype(self):
+        """The dtype the kernel is stored in (a quantised layer: its scales'); LoRA adapters take it."""
+        return self.kernel.get_value().dtype
+
+    def float_kernel(self) -> jax.Array:
+        """The kernel's value as stored (a quantised layer: dequantised to float32)."""
+        return self.kernel.get_value()
 
 
 class Embed(nnx.Module):

@@ -102,6 +102,9 @@ class Options:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def __post_init__(self):
+        frozen_quantization(self)  # the quantisation options across sections: refused before any work
+
 
 # Values a field may take, where they are a closed set.
 CHOICES = {

@@ -127,6 +127,8 @@ def plan(o, topology: str | None = None) -> dict:
     from . import hlo, memory
     from . import step as S
     from .hf import load_config
+    from . import options as opts
+    from .models import quant
     from .models.attention import choose_implementation
     from .sharding import check_mesh, make_mesh, parse_mesh
 
@@ -156,6 +158,9 @@ def plan(o, topology: str | None = None) -> dict:
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     pairs = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
     shown_mesh = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    quantization = opts.frozen_quantization(o)
+    frozen = "" if quantization is None else (f", {'QLoRA base' if o.lora.use_peft else 'reference'} "
+                                              f"{quant.describe(quantization)}")
     attention = choose_implementation(o.run.attn_implementation, length, backend=devices[0].platform)
     if attention != o.run.attn_implementation:
         attention = f"{o.run.attn_implementation} ({attention})"
@@ -163,11 +168,11 @@ def plan(o, topology: str | None = None) -> dict:
           f"  {pairs} pairs per step ({o.run.per_device_train_batch_size} per device x {batch_devices} x "
           f"{o.run.gradient_accumulation_steps} accumulation), pack_pairs {o.run.pack_pairs}, rows of {length} "
           f"tokens, {'bfloat16' if bf16 else 'float32'} compute, {'LoRA' if o.lora.use_peft else 'full fine-tune'}, "
-          f"reference {'precomputed' if o.run.precompute_ref_log_probs else 'live'}, attention {attention}",
+          f"reference {'precomputed' if o.run.precompute_ref_log_probs else 'live'}{frozen}, attention {attention}",
           flush=True)
     figures = {"topology": name, "chips": len(devices), "device_kind": kind, "mesh": dict(mesh.shape),
                "pairs_per_step": pairs, "row_length": length, "hbm": hbm, "hbm_source": source,
-               "attn_implementation": attention}
+               "attn_implementation": attention, "frozen_quantization": quantization or "none"}
 
     def compile_with(remat: bool):
         print(f"  compiling the train step (gradient_checkpointing {str(remat).lower()}) ...", flush=True)

@@ -22,6 +22,7 @@ from .config import DataConfig
 from .data import MissingSplit
 from .errors import UserError
 from .hf import check_export_target, export_pretrained, from_pretrained, load_tokenizer
+from .models import quant
 from .options import Options
 from .sharding import make_mesh, parse_mesh
 from .trainer import (check_reference_vocab, compute_dtype, eval_metrics, lora_targets, make_batches, pad_id,
@@ -65,13 +66,15 @@ def load_trained(path: str, mesh, dtype, trust_remote_code: bool = False) -> tup
     with checkpoint.Checkpoints(directory, create=False) as checkpoints:
         o = opts.from_saved(checkpoints.saved_options(step), source=f"checkpoint {path}")
         model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh,
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code,  # QLoRA: the base as it trained
+                                quantization=opts.frozen_quantization(o) if o.lora.use_peft else None)
         if o.lora.use_peft:
             lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
                             seed=o.run.seed)
         target = checkpoint.abstract(nnx.state(model, nnx.LoRAParam if o.lora.use_peft else nnx.Param))
         step, params = checkpoints.restore_params(target, step)
     nnx.update(model, params)
+    # QLoRA: the adapters folded into the dequantised base, which is what the run trained against
     return (lora.merge(model) if o.lora.use_peft else model), o, step
 
 
@@ -105,7 +108,13 @@ def evaluate(argv: list[str]) -> dict:
         ref_path = o.run.ref_model_name_or_path or model_path
     graphdef, params = S.split_reference(policy)
     check_reference_vocab(policy.config, model_path, ref_path, trust)
-    ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=trust))
+    # the reference held as in training: quantised by ref_quantization, or by a QLoRA run's load_in_4bit / 8bit
+    # (its reference is its quantised base); given on this command line, the same options choose it
+    quantization = opts.frozen_quantization(o)
+    if quantization:
+        print(f"the reference {ref_path} is held quantised: {quant.describe(quantization)}", file=sys.stderr)
+    ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=trust,
+                                                          quantization=quantization))
     # a run's split counts as named unless it is the default: train refuses a named split that is missing
     asked = ("dataset_test_split" in given
              or inherited.get("dataset_test_split", DEFAULT_TEST_SPLIT) != DEFAULT_TEST_SPLIT)

@@ -208,12 +208,62 @@ def smollm2_reference_logps():
         graphdef, params = S.split_reference(from_pretrained(path, quantization=kind))
         out[kind] = reference.precompute(graphdef, params, pairs, batch_size=8,
                                          pad_token_id=tokenizer.pad_token_id or 0)
+    out["pairs"] = pairs
     return out
 
 
-@pytest.mark.parametrize("kind, within", [("int8", 0.01), ("nf4", 0.05)])
-def test_smollm2_quantised_reference_logps_are_close_to_float32(smollm2_reference_logps, kind, within):
-    exact, got = smollm2_reference_logps[None], smollm2_reference_logps[kind]
+def test_smollm2_int8_reference_logps_are_within_1_percent(smollm2_reference_logps):
+    """On average over the 120 log-probs (a pair's worst: 3.4%; bitsandbytes' LLM.int8 on the same weights,
+    through transformers: 2.2% on average, 7.7% at worst)."""
+    exact, got = smollm2_reference_logps[None], smollm2_reference_logps["int8"]
     relative = np.abs(got - exact) / np.abs(exact)
-    assert exact.shape == (60, 2) and relative.max() <= within, relative.max()
-    assert relative.mean() > 0  # quantised: not the same numbers
+    assert exact.shape == (60, 2) and relative.mean() <= 0.01 and relative.max() <= 0.05, relative.max()
+
+
+def test_nf4_codes_are_bitsandbytes(tmp_path):
+    """Our nf4 is bitsandbytes' (QLoRA's) to the bit: the same blocks of 64, absmax scales and code values."""
+    import bitsandbytes.functional as bnb
+
+    w_OxI = np.random.RandomState(0).standard_t(4, (48, 256)).astype(np.float32)  # PyTorch's [out, in]
+    codes, state = bnb.quantize_4bit(torch.tensor(w_OxI), blocksize=64, quant_type="nf4")
+    theirs = bnb.dequantize_4bit(codes, state).numpy()
+    ours = np.asarray(quant.dequantize(*quant.quantize(jnp.asarray(w_OxI.T), "nf4"), "nf4", jnp.float32)).T
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_smollm2_nf4_reference_logps_are_transformers_with_bitsandbytes_weights(smollm2_reference_logps, tmp_path):
+    """The nf4 reference's log-probs of the sample test pairs are transformers' float32 model's with every linear
+    weight replaced by bitsandbytes' nf4 of it (what TRL's load_in_4bit holds), to float32 rounding. Both are
+    10.1% from float32 on average (40% at worst): a 135M model loses that much at 4 bits, whoever quantises it.
+    (bitsandbytes' own forward on the CPU computes through bfloat16: 1.8% of the largest logit away from its
+    weights' float32 product, so it is not the oracle here.)"""
+    import bitsandbytes.functional as bnb
+
+    from dpo_jax import export_pretrained
+    from dpo_jax.assets import smollm2_path
+
+    export_pretrained(from_pretrained(smollm2_path()), str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.model.layers.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(bnb.dequantize_4bit(*bnb.quantize_4bit(module.weight, blocksize=64,
+                                                                           quant_type="nf4")))
+    pairs = smollm2_reference_logps["pairs"]
+    theirs = np.zeros((len(pairs.keep), 2))
+    with torch.no_grad():
+        for i, index in enumerate(pairs.keep):
+            prompt = _row(pairs, "prompt", index)
+            for j, kind in enumerate(("chosen", "rejected")):
+                ids = np.concatenate([prompt, _row(pairs, kind, index)])[:256]
+                logps = torch.log_softmax(model(torch.tensor(ids[None], dtype=torch.long)).logits[0], -1)
+                targets = torch.tensor(ids[len(prompt):], dtype=torch.long)[:, None]
+                theirs[i, j] = logps[len(prompt) - 1:len(ids) - 1].gather(-1, targets).sum().item()
+    np.testing.assert_allclose(smollm2_reference_logps["nf4"], theirs, rtol=1e-4)
+    exact = smollm2_reference_logps[None]
+    assert 0.05 < (np.abs(theirs - exact) / np.abs(exact)).mean() < 0.15
+
+
+def _row(pairs, kind: str, index: int) -> np.ndarray:
+    flat, offsets = pairs.tokens[kind]
+    return flat[offsets[index]:offsets[index + 1]]

@@ -121,17 +121,53 @@ def read_checkpoint(path: str):
         shape = tuple(int(d) for d in reversed(tensor.shape))
         n_head = next((n for proj, n in heads.items() if f".{proj}." in name), None)
 
-        def read(tensor=tensor, shape=shape, n_head=n_head):
-            try:
-                w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-            except Exception as e:  # a quantisation type the gguf package cannot dequantise, damaged data
-                raise CheckpointError(f"{path}: tensor {tensor.name} ({tensor.tensor_type.name}) cannot be read "
-                                      f"({type(e).__name__}: {e}). Use a GGUF file of another quantisation "
-                                      f"(F32, F16, Q8_0, Q4_K, ...) or the model's safetensors.") from e
-            return _unpermute(w, n_head) if n_head else w
-
-        tensors[name] = (shape, read)
+        tensors[name] = (shape, GGUFTensor(path, tensor, shape, n_head))
     return config, tensors
+
+
+# GGUF block types that are held as they are stored (models/quant.py's kinds): 32 weights per block, in
+# llama.cpp's layout. Q8_0: f16 d, 32 int8 q (w = d q); Q4_0: f16 d, 16 bytes of nibbles (w = d (q - 8));
+# Q4_1: f16 d, f16 m, 16 bytes of nibbles (w = d q + m); a byte's low nibble is weight i, its high one i + 16.
+NATIVE = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+
+
+class GGUFTensor:
+    """One tensor of a GGUF file: called, it is dequantised to float32 in transformers' layout (q / k rows
+    unpermuted); `kind` names its block type where quant.py holds it as stored (NATIVE), and `blocks()` gives
+    those blocks: (codes [out, in], scales [out, in / 32], offsets [out, in / 32] or None), unpermuted alike."""
+
+    def __init__(self, path: str, tensor, shape: tuple[int, ...], n_head: int | None):
+        self.path, self.tensor, self.shape, self.n_head = path, tensor, shape, n_head
+        self.kind = NATIVE.get(tensor.tensor_type.name) if len(shape) == 2 else None
+
+    def _rows(self, w: np.ndarray) -> np.ndarray:
+        return _unpermute(w, self.n_head) if self.n_head else w
+
+    def __call__(self) -> np.ndarray:
+        import gguf
+
+        try:
+            w = gguf.quants.dequantize(self.tensor.data, self.tensor.tensor_type).reshape(self.shape)
+        except Exception as e:  # a quantisation type the gguf package cannot dequantise, damaged data
+            raise CheckpointError(f"{self.path}: tensor {self.tensor.name} ({self.tensor.tensor_type.name}) cannot "
+                                  f"be read ({type(e).__name__}: {e}). Use a GGUF file of another quantisation "
+                                  f"(F32, F16, Q8_0, Q4_K, ...) or the model's safetensors.") from e
+        return self._rows(w)
+
+    def blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        out, d_in = self.shape
+        raw = np.asarray(self.tensor.data, np.uint8).reshape(out, d_in // 32, -1)  # [out, blocks, bytes]
+        scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if self.kind == "q8_0":
+            codes = raw[..., 2:].copy().view(np.int8).reshape(out, d_in)
+            return self._rows(codes), self._rows(scales), None
+        start = 4 if self.kind == "q4_1" else 2
+        nibbles = raw[..., start:]
+        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(out, d_in)  # 0 .. 15
+        if self.kind == "q4_0":
+            return self._rows((codes.astype(np.int8) - 8)), self._rows(scales), None
+        offsets = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        return self._rows(codes), self._rows(scales), self._rows(offsets)
 
 
 def read_tokenizer(path: str):

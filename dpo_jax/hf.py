@@ -283,18 +283,24 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
     written into its slice in place, so the host holds one tensor at a time and the devices the stack plus one
     layer's slice. With `quantization` (models/quant.py) every linear kernel but the head is quantised as it is
     placed, a layer at a time: the float kernel of one layer is all that is ever held of it."""
+    if quantization == quant.GGUF and not any(hasattr(read, "kind") for _, read in tensors.values()):
+        raise CheckpointError(f"{source}: quantization gguf keeps a .gguf file's own blocks, and this is not a .gguf "
+                              f"file: give int8, nf4 or fp4 instead")
+    kinds = gguf_kinds(tensors, name_map) if quantization == quant.GGUF else quantization
+
     def build():
         model = model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-        return quant.quantize_linears(model, quantization)
+        return quant.quantize_linears(model, kinds)
     abstract = nnx.eval_shape(build)
     # a quantised kernel is filled from the checkpoint's kernel: it stands in the plan as `<layer>.kernel`
-    quantized = {_path_str((*p, "kernel")): (_path_str((*p, "codes")), _path_str((*p, "scales")), m.kind)
+    quantized = {_path_str((*p, "kernel")): ([_path_str((*p, part)) for part in ("codes", "scales", "offsets")
+                                              if getattr(m, part, None) is not None], m.kind)
                  for p, m in nnx.iter_graph(abstract) if isinstance(m, quant.QuantizedLinear)}
     graphdef, abstract_state = nnx.split(abstract)
     params = {_path_str(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
-    parts = {part: params.pop(part) for codes, scales, _ in quantized.values() for part in (codes, scales)}
-    for kernel, (codes, _, _) in quantized.items():  # the float kernel the codes come from
-        _, variable = parts[codes]
+    parts = {part: params.pop(part) for names, _ in quantized.values() for part in names}
+    for kernel, (names, _) in quantized.items():  # the float kernel the codes come from
+        _, variable = parts[names[0]]
         value = variable.get_value()
         params[kernel] = (None, variable.replace(jax.ShapeDtypeStruct(value.shape, param_dtype)))
     layers = {path: v.get_value().shape[0] for path, (_, v) in params.items() if _is_stacked(v)}
@@ -338,14 +344,15 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
 
     filled: dict[str, jax.Array] = {}
     for name, (path, transpose, layer) in plan.items():
-        array = tensors[name][1]()
-        if transpose:
+        stored = path in quantized and getattr(tensors[name][1], "kind", None) == quantized[path][1]
+        array = None if stored else tensors[name][1]()  # a GGUF tensor held as stored is read as blocks
+        if transpose and array is not None:
             array = array.T
         _, variable = params[path]
         axes = variable.get_metadata().get("out_sharding")
         abstract_value = variable.get_value()
         if path in quantized:
-            _fill_quantized(filled, quantized[path], parts, array, layer, axes, mesh)
+            _fill_quantized(filled, quantized[path], parts, tensors[name][1], array, layer, axes, mesh)
         elif layer is None:
             filled[path] = _place(array, abstract_value, axes, mesh)
         else:
@@ -356,26 +363,52 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
             filled[path] = _slice_setter(target)(filled[path], part, layer)
         del array
     params = {path: entry for path, entry in params.items() if path not in quantized} | parts
+    for path, (_, variable) in parts.items():  # stacks filled in bytes
+        filled[path] = filled[path].astype(variable.get_value().dtype)
     state = [(key, variable.replace(filled[path])) for path, (key, variable) in params.items()]
     return nnx.merge(graphdef, nnx.from_flat_state(state))
 
 
-def _fill_quantized(filled: dict, names: tuple[str, str, str], parts: dict, array: np.ndarray, layer: int | None,
-                    axes, mesh) -> None:
-    """Quantise one kernel (one layer's, for a stack) placed in its sharding, into its codes and scales."""
-    codes_path, scales_path, kind = names
-    placed = _place(array, jax.ShapeDtypeStruct(array.shape, jnp.float32), axes if layer is None else axes[1:], mesh)
-    codes, scales = quant.quantize_array(placed, kind, axes if layer is None else axes[1:], mesh)
-    del placed
-    if layer is None:
-        filled[codes_path], filled[scales_path] = codes, scales
-        return
-    for path, part in ((codes_path, codes), (scales_path, scales)):
+def _fill_quantized(filled: dict, quantized: tuple[list[str], str], parts: dict, tensor, array: np.ndarray | None,
+                    layer: int | None, axes, mesh) -> None:
+    """One kernel (one layer's, for a stack) into its codes, scales (and offsets): a GGUF tensor's own blocks when
+    they are its kind (`array` None), else quantised from `array` placed in its sharding."""
+    names, kind = quantized
+    layer_axes = axes if layer is None else axes[1:]
+    if array is None:  # [out, in] blocks, transposed to our [in, out] layout
+        values = quant.place_parts(tuple(np.ascontiguousarray(p.T) for p in tensor.blocks() if p is not None),
+                                   layer_axes, mesh)
+    else:
+        placed = _place(array, jax.ShapeDtypeStruct(array.shape, jnp.float32), layer_axes, mesh)
+        values = quant.quantize_array(placed, kind, layer_axes, mesh)
+        del placed
+    for path, part in zip(names, values, strict=True):
         abstract_value = parts[path][1].get_value()
+        if layer is None:
+            filled[path] = part.astype(abstract_value.dtype)  # (a GGUF file's nibbles come as bytes)
+            continue
+        # a stack of 4-bit codes is filled in bytes and cast once, at the end (see quant.storage)
+        wide = quant.storage(abstract_value.dtype)
         target = _stacked_sharding(abstract_value, axes, mesh)
         if path not in filled:
-            filled[path] = jnp.zeros(abstract_value.shape, abstract_value.dtype, device=target)
-        filled[path] = _slice_setter(target)(filled[path], part, layer)
+            filled[path] = jnp.zeros(abstract_value.shape, wide, device=target)
+        filled[path] = _slice_setter(target)(filled[path], part.astype(wide), layer)
+
+
+def gguf_kinds(tensors: Tensors, name_map: NameMap) -> dict[str, str | None]:
+    """For `quantization="gguf"`: each linear layer's kind (by its dotted path) where every tensor of it is stored
+    in one block type that quant.py holds as it is (Q8_0, Q4_0, Q4_1); None for the rest, which stay float."""
+    found: dict[str, set] = {}
+    for name, (_, read) in tensors.items():
+        target = name_map.to_ours(name)
+        if target is not None and target.path.endswith(".kernel"):
+            found.setdefault(target.path.removesuffix(".kernel"), set()).add(getattr(read, "kind", None))
+    kinds = {path: next(iter(k)) if len(k) == 1 else None for path, k in found.items()}
+    floats = sorted(path for path, k in kinds.items() if k is None and not path.startswith("lm_head"))
+    if floats:
+        logger.info("GGUF blocks kept as stored for %d linear layers; these stay float (their tensors are of other "
+                    "or mixed types): %s", len(kinds) - len(floats), ", ".join(floats))
+    return kinds
 
 
 def _is_stacked(variable) -> bool:
@@ -397,6 +430,22 @@ def _untie_if_head_differs(hf_config, tensors: Tensors, name_map: NameMap, embed
         logger.warning("config.json ties the output head to the embedding, but the checkpoint's %s differs from "
                        "%s: using it as an untied head, as transformers does", head, embedding)
         hf_config.tie_word_embeddings = False
+
+
+def layer_kinds(path_or_repo_id: str, quantization: str | None):
+    """What `quant.quantize_linears` takes for a model loaded with `quantization`: the kind itself, or for "gguf"
+    each linear layer's kind from the file's tensor types (read from its header, no weight dequantised)."""
+    if quantization != quant.GGUF:
+        return quantization
+    location = _resolve(path_or_repo_id)
+    if not location.endswith(".gguf"):
+        raise CheckpointError(f"quantization gguf keeps a .gguf file's own blocks, and {path_or_repo_id} is not a .gguf "
+                              f"file: give int8, nf4 or fp4 instead")
+    from . import gguf
+
+    module = family("llama")
+    return gguf_kinds(gguf.read_checkpoint(location)[1], NameMap(module.HF_RULES, module.HF_IGNORED,
+                                                                 module.HF_BASE_PREFIX))
 
 
 def load_config(path_or_repo_id: str, *, trust_remote_code: bool = False):
@@ -494,7 +543,7 @@ def _export_tensors(model: nnx.Module) -> Iterator[tuple[str, jax.Array, int | N
     dequantized = {(*path, "codes"): module for path, module in nnx.iter_graph(model)
                    if isinstance(module, quant.QuantizedLinear)}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if isinstance(variable, nnx.LoRAParam) or (isinstance(variable, quant.Quantized) and path[-1] == "scales"):
+        if isinstance(variable, nnx.LoRAParam) or (isinstance(variable, quant.Quantized) and path[-1] != "codes"):
             continue  # folded into its kernel below
         if path in dequantized:  # a quantised kernel is written dequantised, in float32
             path = (*path[:-1], "kernel")

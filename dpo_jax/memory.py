@@ -22,6 +22,7 @@ from flax import nnx
 from . import lora, sharding
 from . import step as S
 from .errors import UserError
+from .hf import layer_kinds
 from .models import family, quant
 from .options import frozen_quantization
 
@@ -70,8 +71,11 @@ def abstract_models(o, config, ref_config, mesh, dtype, remat: bool):
     """(graphdef, params, ref_graphdef, ref) of the run as the trainer builds them (trainer.build_models), from
     the configs alone. `ref_config` None: no live reference (precomputed log-probs, or reference-free)."""
     kind = frozen_quantization(o)
+    if kind == quant.GGUF:  # each layer's kind from the file's tensor types
+        kind = layer_kinds(o.run.ref_model_name_or_path if ref_config is not None and ref_config is not config
+                           else o.run.model_name_or_path, kind)
 
-    def build(cfg, with_adapters: bool, quantization: str | None = None):
+    def build(cfg, with_adapters: bool, quantization=None):
         model = family(cfg.model_type).Model(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
         quant.quantize_linears(model, quantization)  # inside eval_shape: traced, never run
         if with_adapters:

@@ -33,7 +33,7 @@ class LoraConfig:
     lora_target_modules: tuple[str, ...] | None = None  # layer names; default q_proj,v_proj (GPT-2: c_attn); or all-linear
     load_in_4bit: bool = False  # QLoRA: the frozen base (and so the reference) held in 4 bits (bnb_4bit_quant_type)
     load_in_8bit: bool = False  # the frozen base (and so the reference) held in int8, one scale per column
-    bnb_4bit_quant_type: str = "nf4"  # load_in_4bit's format: nf4 (QLoRA's NormalFloat) or fp4 (e2m1), blocks of 64
+    bnb_4bit_quant_type: str = "nf4"  # load_in_4bit's format: nf4 (QLoRA's NormalFloat), fp4 (e2m1), gguf (a .gguf's own)
     use_bnb_nested_quant: bool = False  # not supported (scales stay float32); kept so that TRL's option is explained
 
     def __post_init__(self):
@@ -64,7 +64,7 @@ class RunConfig:
     seed: int = 42  # data order, LoRA initialisation and dropout
     bf16: bool | None = None  # bfloat16 compute; default: on accelerators yes, on the CPU no
     ref_dtype: str = "auto"  # frozen reference (and LoRA base) matrices: auto (the compute dtype), float32, bfloat16
-    ref_quantization: str = "none"  # a full fine-tune's reference held quantised: none, int8, nf4, fp4 (LoRA: load_in_4bit)
+    ref_quantization: str = "none"  # a full fine-tune's reference held quantised: none, int8, nf4, fp4, gguf (LoRA: load_in_4bit)
     gradient_checkpointing: bool | None = None  # recompute blocks in the backward pass; None: when memory needs it
     precompute_ref_log_probs: bool = False  # one reference pass before training, cached; no reference in memory
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
@@ -113,7 +113,7 @@ CHOICES = {
     "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
     "distributed": ("auto", "true", "false"), "save_strategy": ("steps", "no"),
     "ref_dtype": ("auto", "float32", "bfloat16"), "attn_implementation": IMPLEMENTATIONS,
-    "ref_quantization": ("none", *QUANTIZATION_KINDS), "bnb_4bit_quant_type": ("nf4", "fp4"),
+    "ref_quantization": ("none", *QUANTIZATION_KINDS, "gguf"), "bnb_4bit_quant_type": ("nf4", "fp4", "gguf"),
 }
 
 

@@ -152,8 +152,12 @@ def build_models(o: Options, mesh, dtype) -> Models:
                       policy.config)
     ref_path = o.run.ref_model_name_or_path
     if not ref_path or ref_path == o.run.model_name_or_path:  # the usual case: a copy, not a second load
-        # (quantised: a second module tree over the policy's arrays, whose kernels are then replaced by codes)
-        ref_model = policy if kind is None else quant.quantize_linears(nnx.merge(*nnx.split(policy)), kind)
+        # (quantised: a second module tree over the policy's arrays, whose kernels are then replaced by codes;
+        # gguf: the file's blocks, read again)
+        if kind == quant.GGUF:
+            ref_model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh, quantization=kind)
+        else:
+            ref_model = policy if kind is None else quant.quantize_linears(nnx.merge(*nnx.split(policy)), kind)
         ref_graphdef, ref = S.split_reference(ref_model, o.run.gradient_checkpointing)
         ref, ref_config = hold_frozen(ref, frozen_dtype(o, dtype)), policy.config
     else:

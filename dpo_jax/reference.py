@@ -74,7 +74,9 @@ def _checksums(x: jax.Array) -> jax.Array:
     elif item == 8:  # float64 (the gradient tests): both halves of each element
         halves = jax.lax.bitcast_convert_type(x, jnp.uint32)
         bits = halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B1))
-    else:
+    elif jnp.issubdtype(x.dtype, jnp.floating):  # float8 / float4 codes: their values, exactly, as float32 bits
+        bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    else:  # int8, uint8 and 4-bit integer codes
         bits = x.astype(jnp.uint32)
     # each element's linear index, from iotas in the array's own shape (no reshape: it would regather a
     # sharded array); odd multipliers so that moving a value changes the weighted sums

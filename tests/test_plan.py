@@ -142,6 +142,28 @@ def test_lora_on_v5p(tmp_path, capsys):
     assert figures["chips"] == 8 and figures["topology"] == "v5p:2x2x2" and figures["fits"] is True
 
 
+def test_qlora_on_v5p_counts_the_codes_at_their_size(tmp_path, capsys):
+    """QLoRA (nf4 base): the plan's reference is the LoRA base less, for every linear kernel but the head, its
+    bfloat16 bytes plus its codes at half a byte (XLA:TPU packs 4-bit arrays) and a float32 scale per 64
+    weights; XLA's own argument bytes fall by that much."""
+    model = config_dir(tmp_path / "m", hidden=1024, layers=1, heads=8, kv_heads=2)
+    common = ["--model_name_or_path", model, "--max_length", "128", "--per_device_train_batch_size", "1",
+              "--pack_pairs", "pairs", "--use_peft", "true", "--gradient_checkpointing", "false",
+              "--attn_implementation", "eager"]
+    lora = plan.plan(options.parse(common), "v5p-16")
+    qlora = plan.plan(options.parse(common + ["--load_in_4bit", "true"]), "v5p-16")
+    assert "QLoRA base nf4 (4.50 bits/weight)" in capsys.readouterr().out and qlora["frozen_quantization"] == "nf4"
+    mesh = make_mesh(fsdp=8, devices=plan.tpu_devices("v5p:2x2x2")[0])
+    params, _ = param_shapes(model, mesh)
+    config = load_config(model)
+    kernels = [s for s in params if len(s) == 3]  # the stacked blocks' seven linear kernels [1, in, out]
+    assert len(kernels) == 7 and config.num_layers == 1
+    weights = sum(int(np.prod(s)) for s in kernels)
+    saved = 2 * weights - (weights // 2 + 4 * weights // 64)
+    assert lora["arguments"]["reference"] - qlora["arguments"]["reference"] == saved
+    assert lora["argument"] - qlora["argument"] == pytest.approx(saved, rel=0.02)  # XLA's figure (tile padding)
+
+
 def test_a_step_that_does_not_fit(tmp_path, capsys):
     """The compiler refuses a step above a v5e chip's 16 GiB (eager attention's scores of 64 rows of 4096 tokens,
     no remat): plan says so with XLA's largest buffers and what to change, and exits 1."""

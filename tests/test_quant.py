@@ -212,6 +212,7 @@ def smollm2_reference_logps():
     return out
 
 
+@pytest.mark.slow
 def test_smollm2_int8_reference_logps_are_within_1_percent(smollm2_reference_logps):
     """On average over the 120 log-probs (a pair's worst: 3.4%; bitsandbytes' LLM.int8 on the same weights,
     through transformers: 2.2% on average, 7.7% at worst)."""
@@ -231,6 +232,7 @@ def test_nf4_codes_are_bitsandbytes(tmp_path):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_smollm2_nf4_reference_logps_are_transformers_with_bitsandbytes_weights(smollm2_reference_logps, tmp_path):
     """The nf4 reference's log-probs of the sample test pairs are transformers' float32 model's with every linear
     weight replaced by bitsandbytes' nf4 of it (what TRL's load_in_4bit holds), to float32 rounding. Both are
@@ -267,3 +269,44 @@ def test_smollm2_nf4_reference_logps_are_transformers_with_bitsandbytes_weights(
 def _row(pairs, kind: str, index: int) -> np.ndarray:
     flat, offsets = pairs.tokens[kind]
     return flat[offsets[index]:offsets[index + 1]]
+
+
+@pytest.mark.parametrize("name, kind", [("Q8_0", "q8_0"), ("Q4_0", "q4_0"), ("Q4_1", "q4_1")])
+def test_gguf_blocks_held_as_stored_dequantise_as_the_gguf_package_does(name, kind):
+    """A tensor quantised by the gguf package (llama.cpp's reference quantisers), read as blocks and held in
+    quant.py's layout: it dequantises to exactly what gguf.quants.dequantize gives."""
+    import types
+
+    import gguf
+
+    from dpo_jax.gguf import GGUFTensor
+
+    w_OxI = np.random.RandomState(2).randn(48, 128).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[name]
+    stored = types.SimpleNamespace(data=gguf.quants.quantize(w_OxI, qtype), tensor_type=qtype, name="t")
+    tensor = GGUFTensor("t.gguf", stored, (48, 128), None)
+    expected = gguf.quants.dequantize(stored.data, qtype).reshape(48, 128)
+    assert tensor.kind == kind and np.array_equal(tensor(), expected)
+    codes, scales, offsets = (None if p is None else jnp.asarray(np.ascontiguousarray(p.T)) for p in tensor.blocks())
+    codes = codes.astype({"q8_0": jnp.int8, "q4_0": jnp.int4, "q4_1": jnp.uint4}[kind])
+    ours = np.asarray(quant.dequantize(codes, scales, kind, jnp.float32, offsets)).T
+    np.testing.assert_array_equal(ours, expected)
+    # quant.py's own quantiser of the kind (the memory plan's shapes) gives the same layout
+    parts = quant.quantize(jnp.asarray(w_OxI.T), kind)
+    assert [p.shape for p in parts] == [(128, 48)] + [(4, 48)] * (len(parts) - 1) and parts[0].dtype == codes.dtype
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_blocks_kept_compute_the_float_model():
+    """SmolLM2's Q4_1 linears held as stored: the logits of the float32 model it dequantises to, to the bit (one
+    device), and on a 4 x 2 mesh to float rounding."""
+    from dpo_jax.assets import smollm2_path
+
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 40000, (2, 24)))
+    exact = np.asarray(from_pretrained(smollm2_path())(ids))
+    kept = from_pretrained(smollm2_path(), quantization="gguf")
+    kinds = {m.kind for _, m in nnx.iter_graph(kept) if isinstance(m, quant.QuantizedLinear)}
+    assert kinds == {"q4_1"} and kept.layers.mlp.up_proj.codes.get_value().dtype == jnp.uint4
+    np.testing.assert_array_equal(np.asarray(kept(ids)), exact)
+    sharded = from_pretrained(smollm2_path(), quantization="gguf", mesh=make_mesh(fsdp=4, tensor=2))
+    np.testing.assert_allclose(np.asarray(sharded(ids)), exact, rtol=1e-5, atol=1e-4)

@@ -251,19 +251,19 @@ def test_smollm2_nf4_reference_logps_are_transformers_with_bitsandbytes_weights(
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(bnb.dequantize_4bit(*bnb.quantize_4bit(module.weight, blocksize=64,
                                                                            quant_type="nf4")))
-    pairs = smollm2_reference_logps["pairs"]
-    theirs = np.zeros((len(pairs.keep), 2))
+    pairs, shown = smollm2_reference_logps["pairs"], 24  # the first 24 pairs: an oracle of the same numbers
+    theirs = np.zeros((shown, 2))
     with torch.no_grad():
-        for i, index in enumerate(pairs.keep):
+        for i, index in enumerate(pairs.keep[:shown]):
             prompt = _row(pairs, "prompt", index)
             for j, kind in enumerate(("chosen", "rejected")):
                 ids = np.concatenate([prompt, _row(pairs, kind, index)])[:256]
                 logps = torch.log_softmax(model(torch.tensor(ids[None], dtype=torch.long)).logits[0], -1)
                 targets = torch.tensor(ids[len(prompt):], dtype=torch.long)[:, None]
                 theirs[i, j] = logps[len(prompt) - 1:len(ids) - 1].gather(-1, targets).sum().item()
-    np.testing.assert_allclose(smollm2_reference_logps["nf4"], theirs, rtol=1e-4)
-    exact = smollm2_reference_logps[None]
-    assert 0.05 < (np.abs(theirs - exact) / np.abs(exact)).mean() < 0.15
+    np.testing.assert_allclose(smollm2_reference_logps["nf4"][:shown], theirs, rtol=1e-4)
+    exact, nf4 = smollm2_reference_logps[None], smollm2_reference_logps["nf4"]
+    assert 0.05 < (np.abs(nf4 - exact) / np.abs(exact)).mean() < 0.15  # all 60 pairs
 
 
 def _row(pairs, kind: str, index: int) -> np.ndarray:

@@ -214,7 +214,8 @@ def _prepare(option_args: list[str], work: Path, need_hf_model: bool) -> tuple[l
     if need_hf_model:
         unlike = {"use_peft": o.lora.use_peft, "reference_free": o.loss.reference_free, "bf16": o.run.bf16,
                   "max_prompt_length": o.data.max_prompt_length, "max_completion_length": o.data.max_completion_length,
-                  "truncation_mode keep_end": o.data.truncation_mode == "keep_end"}
+                  "truncation_mode keep_end": o.data.truncation_mode == "keep_end",
+                  "ref_quantization": o.run.ref_quantization != "none"}
         unlike = [name for name, value in unlike.items() if value]
         if unlike:
             raise UserError(f"--vs trl runs both sides with the same settings, and TRL 1.16's DPOTrainer has no "

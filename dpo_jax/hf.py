@@ -285,7 +285,8 @@ def load_weights(model_cls, cfg, tensors: Tensors, name_map: NameMap, *, source:
     placed, a layer at a time: the float kernel of one layer is all that is ever held of it."""
     if quantization == quant.GGUF and not any(hasattr(read, "kind") for _, read in tensors.values()):
         raise CheckpointError(f"{source}: quantization gguf keeps a .gguf file's own blocks, and this is not a .gguf "
-                              f"file: give int8, nf4 or fp4 instead")
+                              f"file: give int8, nf4 or fp4 instead (QLoRA: --bnb_4bit_quant_type nf4 or fp4, or "
+                              f"--load_in_8bit true)")
     kinds = gguf_kinds(tensors, name_map) if quantization == quant.GGUF else quantization
 
     def build():
@@ -439,8 +440,9 @@ def layer_kinds(path_or_repo_id: str, quantization: str | None):
         return quantization
     location = _resolve(path_or_repo_id)
     if not location.endswith(".gguf"):
-        raise CheckpointError(f"quantization gguf keeps a .gguf file's own blocks, and {path_or_repo_id} is not a .gguf "
-                              f"file: give int8, nf4 or fp4 instead")
+        raise CheckpointError(f"quantization gguf keeps a .gguf file's own blocks, and {path_or_repo_id} is not a "
+                              f".gguf file: give int8, nf4 or fp4 instead (QLoRA: --bnb_4bit_quant_type nf4 or fp4, "
+                              f"or --load_in_8bit true)")
     from . import gguf
 
     module = family("llama")
@@ -470,8 +472,9 @@ def from_pretrained(path_or_repo_id: str, *, dtype=jnp.float32, param_dtype=jnp.
     tensor is placed straight into the sharding its logical axes map to (see `sharding.py`).
     `trust_remote_code` lets transformers import the config class that config.json's `auto_map` names (the model
     itself is always dpo-jax's own code, chosen by `model_type`); without it that code is never run.
-    `quantization` (int8, nf4, fp4; models/quant.py): the linear kernels but the head are held quantised, each
-    quantised as it is loaded (a frozen model: the reference, or a QLoRA base).
+    `quantization` (int8, nf4, fp4, or gguf: a .gguf file's own Q8_0 / Q4_0 / Q4_1 blocks; models/quant.py): the
+    linear kernels but the head are held quantised, each as it is loaded (a frozen model: the reference, or a
+    QLoRA base).
     """
     location = _resolve(path_or_repo_id)
     if location.endswith(".gguf"):

@@ -71,9 +71,13 @@ def abstract_models(o, config, ref_config, mesh, dtype, remat: bool):
     """(graphdef, params, ref_graphdef, ref) of the run as the trainer builds them (trainer.build_models), from
     the configs alone. `ref_config` None: no live reference (precomputed log-probs, or reference-free)."""
     kind = frozen_quantization(o)
-    if kind == quant.GGUF:  # each layer's kind from the file's tensor types
-        kind = layer_kinds(o.run.ref_model_name_or_path if ref_config is not None and ref_config is not config
-                           else o.run.model_name_or_path, kind)
+    if kind == quant.GGUF:  # each layer's kind from the tensor types of the file that is held quantised
+        if o.lora.use_peft:
+            kind = layer_kinds(o.run.model_name_or_path, kind)
+        elif ref_config is not None:
+            kind = layer_kinds(o.run.ref_model_name_or_path or o.run.model_name_or_path, kind)
+        else:  # no live reference: nothing is held quantised
+            kind = None
 
     def build(cfg, with_adapters: bool, quantization=None):
         model = family(cfg.model_type).Model(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))

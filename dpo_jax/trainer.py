@@ -155,7 +155,8 @@ def build_models(o: Options, mesh, dtype) -> Models:
         # (quantised: a second module tree over the policy's arrays, whose kernels are then replaced by codes;
         # gguf: the file's blocks, read again)
         if kind == quant.GGUF:
-            ref_model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh, quantization=kind)
+            ref_model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh, quantization=kind,
+                                        trust_remote_code=o.run.trust_remote_code)
         else:
             ref_model = policy if kind is None else quant.quantize_linears(nnx.merge(*nnx.split(policy)), kind)
         ref_graphdef, ref = S.split_reference(ref_model, o.run.gradient_checkpointing)

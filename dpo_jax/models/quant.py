@@ -231,9 +231,9 @@ def place_parts(parts: tuple[np.ndarray, ...], axes, mesh=None) -> tuple[jax.Arr
 def quantize_linears(model: nnx.Module, kind: "str | dict[str, str | None] | None") -> nnx.Module:
     """Replace, in place, every Linear of `model` but the output head by a QuantizedLinear of `kind` (None:
     nothing to do; a dict: each Linear's kind by its dotted path, a missing or None one staying float), one
-    kernel at a time: each float kernel is released (if nothing else holds it) once its codes exist, so the
-    float weights and their quantised copy are never both held whole. The codes take the kernel's sharding.
-    Returns `model`."""
+    kernel at a time (a stack layer by layer). The float kernels are not freed here: the loader runs this under
+    eval_shape only (it quantises each tensor as it places it), and the trainer's reference shares the policy's
+    kernels. The codes take the kernel's sharding. Returns `model`."""
     if kind is None:
         return model
     for path, linear in list(nnx.iter_graph(model)):

@@ -143,7 +143,7 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
                       "pairs": int(batch["pair_mask"].sum()), "tokens": int(real.sum()),
                       "flops": token_flops(batch["position_ids"][real].astype(np.float64), matmul, d["layers"], width,
                                            3 + (reference_pass and "ref_logps" not in batch)),
-                      "compiles": sum(1 for t, _ in compiles if start <= t <= end)})
+                      "compiles": sum(1 for t, _ in compiles if start <= t <= end), "end": end - started})
     trainer.on_step = on_step
     trainer.train()
     first_epoch = [s for s in steps if s["epoch"] == 0]
@@ -151,9 +151,11 @@ def run_ours(option_args: list[str], epochs: int) -> dict:
             "step_shapes": trainer.train_step._cache_size(), "compiles": len(compiles),
             "compile_seconds": sum(s for _, s in compiles),
             "compiles_after_first_epoch": sum(s["compiles"] for s in steps if s["epoch"] > 0),
+            "steps_that_compiled": sum(1 for s in steps if s["compiles"]),
             "first_epoch_seconds": sum(s["seconds"] for s in first_epoch),
             "precompute_seconds": trainer.timings.get("precompute"),
             "wall_seconds": time.perf_counter() - started, "peak_rss_gb": max_rss_gb(),
+            "first_step_seconds": steps[0]["end"] if steps else None,
             "pack_pairs": trainer.o.run.pack_pairs, "gradient_checkpointing": trainer.o.run.gradient_checkpointing,
             "steps": steps}
 
@@ -187,14 +189,16 @@ def _child(side: str, spec: dict, log: Path) -> dict:
         command = [sys.executable, "-m", "dpo_jax.bench", "--child", json.dumps(spec)]
     env = {**os.environ, "DPO_JAX_CACHE": spec["cache"], "HF_DATASETS_CACHE": str(Path(spec["cache"]) / "datasets"),
            "TQDM_DISABLE": "1"}
+    start = time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    process_seconds = time.perf_counter() - start
     lines = [line for line in log.read_text().splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise UserError(f"the {side} benchmark failed (exit {done.returncode}); its log is {log}:\n{tail}")
     result = json.loads(lines[-1][len(RESULT):])
-    return {**result, **summarize(result["steps"], spec["epochs"])}
+    return {**result, **summarize(result["steps"], spec["epochs"]), "process_seconds": process_seconds}
 
 
 def _prepare(option_args: list[str], work: Path, need_hf_model: bool) -> tuple[list[str], dict]:
@@ -245,16 +249,25 @@ def _hf_directory(model: str, work: Path) -> Path:
     return target
 
 
-def table(results: list[dict]) -> str:
+ROWS = [("pairs/s", "pairs_per_second", "{:.3f}"), ("tokens/s", "tokens_per_second", "{:.1f}"),
+        ("step time, median (s)", "step_seconds_median", "{:.2f}"),
+        ("useful GFLOP/s", "useful_gflops", "{:.1f}"), ("matmul peak GFLOP/s", "matmul_peak_gflops", "{:.1f}"),
+        ("FLOP utilisation", "utilisation", "{:.0%}"), ("precompute pass (s)", "precompute_seconds", "{:.1f}"),
+        ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"), ("compiled step shapes", "step_shapes", "{}"),
+        ("XLA compiles / seconds", "compile_summary", "{}"),
+        ("compiles after epoch 1", "compiles_after_first_epoch", "{}"),
+        ("measured steps", "measured_steps", "{}"), ("wall time (s)", "wall_seconds", "{:.0f}"),
+        ("process, start to exit (s)", "process_seconds", "{:.0f}")]
+WHOLE_RUN_ROWS = [("process, start to exit (s)", "process_seconds", "{:.0f}"),
+                  ("first step done after (s)", "first_step_seconds", "{:.0f}"),
+                  ("step time, median (s)", "step_seconds_median", "{:.2f}"),
+                  ("steps that waited for a compile", "steps_that_compiled", "{}"),
+                  ("compiled step shapes", "step_shapes", "{}"), ("XLA compiles / seconds", "compile_summary", "{}"),
+                  ("peak RSS (GB)", "peak_rss_gb", "{:.2f}")]
+
+
+def table(results: list[dict], rows: list[tuple[str, str, str]] = ROWS) -> str:
     """Markdown: one column per side, and the ratio dpo-jax / TRL when both ran."""
-    rows = [("pairs/s", "pairs_per_second", "{:.3f}"), ("tokens/s", "tokens_per_second", "{:.1f}"),
-            ("step time, median (s)", "step_seconds_median", "{:.2f}"),
-            ("useful GFLOP/s", "useful_gflops", "{:.1f}"), ("matmul peak GFLOP/s", "matmul_peak_gflops", "{:.1f}"),
-            ("FLOP utilisation", "utilisation", "{:.0%}"), ("precompute pass (s)", "precompute_seconds", "{:.1f}"),
-            ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"), ("compiled step shapes", "step_shapes", "{}"),
-            ("XLA compiles / seconds", "compile_summary", "{}"),
-            ("compiles after epoch 1", "compiles_after_first_epoch", "{}"),
-            ("measured steps", "measured_steps", "{}"), ("wall time (s)", "wall_seconds", "{:.0f}")]
     for r in results:
         r["utilisation"] = r["useful_gflops"] / r["matmul_peak_gflops"]
         if r.get("compiles") is not None:

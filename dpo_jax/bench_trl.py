@@ -89,11 +89,12 @@ def main(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             steps.append({"step": state.global_step, "epoch": int(state.epoch - 1e-9) if state.epoch else 0,
                           "seconds": time.perf_counter() - current["start"], "pairs": current["pairs"],
-                          "tokens": current["tokens"], "flops": current["flops"], "compiles": 0})
+                          "tokens": current["tokens"], "flops": current["flops"], "compiles": 0,
+                          "end": time.perf_counter() - started})
     trainer.add_callback(Clock())
     trainer.train()
     return {"side": "trl", "matmul_peak_gflops": peak, "precompute_seconds": timings.get("precompute"),
-            "wall_seconds": time.perf_counter() - started,
+            "wall_seconds": time.perf_counter() - started, "first_step_seconds": steps[0]["end"] if steps else None,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "gradient_checkpointing": spec["gradient_checkpointing"], "steps": steps}
 

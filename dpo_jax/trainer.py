@@ -206,6 +206,11 @@ def device_batch(batch: dict, mesh) -> dict:
     return S.put_batch(_arrays(batch), mesh)
 
 
+def batch_shape(arrays: dict) -> tuple:
+    """The key of a step's compilation: its arrays' names and shapes."""
+    return tuple(sorted((k, tuple(v.shape)) for k, v in arrays.items()))
+
+
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens the model reads for this batch."""
     return int((batch["segment"] >= 0).sum())
@@ -277,14 +282,39 @@ class Trainer:
             self.timings["precompute"] = time.perf_counter() - start
         self.state = S.init_state(params, self.tx, donate=True)
         del params, models
+        self.compiled_shapes: set = set()  # train step shapes (batch_shape) compiled so far
         if _placed_alike((self.state, self.ref), (planned.run.state, planned.run.ref)):
             self.train_step = planned.fn
+            self.compiled_shapes.add(batch_shape(planned.run.batch))
         else:  # the checkpoint differs from its config (an untied head): the step of what was loaded
             self.train_step = S.compile_train_step(self.graphdef, self.ref_graphdef, self.cfg, self.tx, self.mesh,
                                                    self.state, self.ref)
+        self.jitted_step = self.train_step  # (train_step may be wrapped, by tests and the benchmark)
         self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg, self.mesh,
                                              self.state.params, self.ref)
         self.on_step = None  # called as on_step(step, batch, start, end) after each step (dpo-jax bench)
+
+    def compile_ahead(self, start: int) -> None:
+        """Compile the train step for every batch shape of steps start+1 .. total_steps now, so that no step of
+        the run waits for a compile (jax.jit keeps each compilation for the arrays of its shape). The shapes
+        come from the batch order without building any batch; the memory plan's shape is compiled already."""
+        b, o = self.batches, self.o
+        shapes = {b.rows_and_length(*divmod(s, b.steps_per_epoch)) for s in range(start, self.total_steps)}
+        placed = S.batch_sharding(self.mesh)
+        begin = time.perf_counter()
+        compiled = 0
+        for rows, length in sorted(shapes, key=lambda shape: shape[0] * shape[1]):
+            batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed) for k, (shape, dtype) in
+                     memory.batch_shapes(o.run.pack_pairs, self.global_batch, length, rows,
+                                         ref_logps=o.run.precompute_ref_log_probs).items()}
+            key = batch_shape(batch)
+            if key not in self.compiled_shapes:
+                self.jitted_step.lower(self.state, self.ref, batch).compile()
+                self.compiled_shapes.add(key)
+                compiled += 1
+        if self.main and compiled:
+            print(f"dpo-jax: compiled the train step for {compiled} more batch shape{'s' * (compiled > 1)} "
+                  f"({len(shapes)} in the run) in {time.perf_counter() - begin:.1f} s", flush=True)
 
     def _largest_batch(self) -> tuple[int, int | None]:
         """(row length, packed rows) of the largest batch among the run's first steps (up to the packed
@@ -462,8 +492,8 @@ class Trainer:
         say = bar.write if self.main else (lambda _: None)
         self.first_eval = {}
         feed = Prefetcher(self.batches, put=functools.partial(device_batch, mesh=self.mesh))
-        shapes: set = set()  # of the batches dispatched: a new one compiles
         try:
+            self.compile_ahead(start)
             if self.o.run.eval_on_start and start == 0 and self.eval_batches:
                 self.first_eval = self.evaluate()
                 reporter.log(0, self.first_eval)
@@ -472,12 +502,12 @@ class Trainer:
             for step in range(start + 1, self.total_steps + 1):
                 tick = time.perf_counter()
                 batch, arrays = next(feed)  # built and on its way to the devices in the feed's thread
-                shape = tuple((k, v.shape) for k, v in arrays.items())
-                if behind is not None and shape not in shapes:  # it compiles: not within the step before's time
-                    if self._finish(behind, run, bar, say, reporter, latest=True):
+                shape = batch_shape(arrays)
+                if behind is not None and shape not in self.compiled_shapes:  # it compiles: not within the step
+                    if self._finish(behind, run, bar, say, reporter, latest=True):  # before's time
                         break
                     behind = None
-                shapes.add(shape)
+                self.compiled_shapes.add(shape)
                 self.state, metrics = self.train_step(self.state, self.ref, arrays)  # donates the state
                 logged = step % self.o.run.logging_steps == 0 or step == self.total_steps
                 current = Dispatched(step, batch, metrics, self.schedule(step) if logged else None,

@@ -65,4 +65,6 @@ def test_bench_counts_what_trl_counts(tmp_path):
     shared = runs["shared_prefix"]["dpo-jax"]
     assert measured(shared, "pairs") == 12 and measured(shared, "tokens") < measured(ours, "tokens")
     assert ours["compiles_after_first_epoch"] == 0 and 1 <= ours["step_shapes"] <= 4
+    assert ours["steps_that_compiled"] == 0  # every shape compiled before step 1
+    assert ours["process_seconds"] > ours["wall_seconds"] > ours["first_step_seconds"] > 0
     assert ours["peak_rss_gb"] > 0 and ours["matmul_peak_gflops"] > 0

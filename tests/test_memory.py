@@ -10,6 +10,7 @@ from dpo_jax import step as S
 from dpo_jax.cli import main
 from dpo_jax.hf import load_config
 from dpo_jax.sharding import make_mesh
+from dpo_jax import trainer as T
 from dpo_jax.trainer import Trainer
 from test_trainer import tiny_model
 
@@ -56,6 +57,35 @@ def test_training_reuses_the_planned_compilation(model, tmp_path, capsys):
     trainer.train_step = counted
     trainer.train()
     assert during == [0, 0]
+
+
+def test_every_step_shape_is_compiled_before_step_1(model, tmp_path, capsys):
+    """A run of several batch shapes compiles them all before its first step (said on the console): no step
+    waits for a compile, and the steps are those of a run that compiles each shape as it comes."""
+    args = ["--model_name_or_path", model, "--max_steps", "6", "--per_device_train_batch_size", "2",
+            "--max_length", "128", "--num_length_buckets", "3", "--dataset_test_split", "none",
+            "--save_strategy", "no", "--report_to", "none", "--compilation_cache_dir", "none"]
+    trainer = Trainer(options.parse([*args, "--output_dir", str(tmp_path / "o")]))
+    compiles, during, shapes = [], [], []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compiles.append(seconds) if event == BACKEND_COMPILE else None)
+    jitted = trainer.train_step
+
+    def counted(state, ref, batch):
+        before = len(compiles)
+        out = jitted(state, ref, batch)
+        during.append(len(compiles) - before)
+        shapes.append(batch["input_ids"].shape)
+        return out
+    trainer.train_step = counted
+    trainer.train()
+    assert len(set(shapes)) >= 2 and during == [0] * 6, (shapes, during)
+    assert f"for {len(set(shapes)) - 1} more batch shape" in capsys.readouterr().out
+    lazy = Trainer(options.parse([*args, "--output_dir", str(tmp_path / "lazy")]))
+    lazy.compile_ahead = lambda start: None
+    lazy.train()
+    for a, b in zip(T.params_numpy(lazy.state), T.params_numpy(trainer.state)):
+        np.testing.assert_array_equal(b, a)
 
 
 def _tiny_run(model, *extra):

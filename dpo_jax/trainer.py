@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import audit, lora, memory, reference, report, rundir
+from . import audit, gguf, lora, memory, reference, report, rundir
 from . import options as opts
 from . import step as S
 from .batching import PACKED_EPOCHS, BatchIterator, Prefetcher, load_pairs
@@ -271,6 +271,7 @@ class Trainer:
         planned = self.plan_memory(config, *self._largest_batch())
         self.o = o = dataclasses.replace(o, run=dataclasses.replace(o.run, gradient_checkpointing=planned.remat))
         models = build_models(o, self.mesh, self.dtype)
+        gguf.release()  # the models and the tokenizer are read: a GGUF file's parse is not needed again
         self.graphdef, params, self.ref_graphdef, self.ref = models.graphdef, models.params, models.ref_graphdef, models.ref
         for pairs in filter(None, (self.train_pairs, self.eval_pairs)):
             pairs.check_vocab(models.config.vocab_size)

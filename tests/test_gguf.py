@@ -91,3 +91,15 @@ def test_greedy_answers_match_transformers(models, tokenizers):
         assert got == expected.tolist()
 
 
+
+
+def test_the_cached_parse_is_released(gguf_path):
+    """The trainer drops the file's parse once its models are loaded (gguf.release): the vocabulary's strings
+    and the memory map are not held for the whole run; a later read parses the file again."""
+    from dpo_jax import gguf
+
+    config = gguf.read_config(gguf_path)
+    assert gguf._cached_reader.cache_info().currsize >= 1
+    gguf.release()
+    assert gguf._cached_reader.cache_info().currsize == 0
+    assert gguf.read_config(gguf_path).to_dict() == config.to_dict()

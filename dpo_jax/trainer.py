@@ -294,6 +294,7 @@ class Trainer:
         self.eval_step = S.compile_eval_step(self.graphdef, self.ref_graphdef, self.cfg, self.mesh,
                                              self.state.params, self.ref)
         self.on_step = None  # called as on_step(step, batch, start, end) after each step (dpo-jax bench)
+        memory.release_freed_host_memory()
 
     def compile_ahead(self, start: int) -> None:
         """Compile the train step for every batch shape of steps start+1 .. total_steps now, so that no step of
@@ -313,6 +314,7 @@ class Trainer:
                 self.jitted_step.lower(self.state, self.ref, batch).compile()
                 self.compiled_shapes.add(key)
                 compiled += 1
+        memory.release_freed_host_memory()
         if self.main and compiled:
             print(f"dpo-jax: compiled the train step for {compiled} more batch shape{'s' * (compiled > 1)} "
                   f"({len(shapes)} in the run) in {time.perf_counter() - begin:.1f} s", flush=True)

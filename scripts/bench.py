@@ -25,6 +25,10 @@ import platform
 import tempfile
 from pathlib import Path
 
+# A CPU benchmark: where jax[tpu] is installed (the plan extra), every dpo-jax process would otherwise load
+# libtpu and look for a TPU (0.1 GB of RSS and warnings TRL's side does not pay). The children inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 from bench_data import write_pairs
 from long_pairs import write_pairs as write_long_pairs
 

@@ -103,3 +103,22 @@ def test_the_cached_parse_is_released(gguf_path):
     gguf.release()
     assert gguf._cached_reader.cache_info().currsize == 0
     assert gguf.read_config(gguf_path).to_dict() == config.to_dict()
+
+
+def test_the_fast_parse_reads_what_the_gguf_package_reads(gguf_path):
+    """Our reader (gguf._reader_class: the package's reader over a plain view of the mapped file) gives the
+    same fields, values, tensor names, types, shapes and bytes as the package's own GGUFReader."""
+    import gguf as gguf_package
+
+    from dpo_jax import gguf
+
+    ours, theirs = gguf._reader_class()(gguf_path), gguf_package.GGUFReader(gguf_path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].types == field.types, key
+        assert ours.fields[key].contents() == field.contents(), key
+    assert len(ours.fields["tokenizer.ggml.tokens"].contents()) == 49152
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, expected in zip(ours.tensors, theirs.tensors):
+        assert mine.tensor_type == expected.tensor_type and list(mine.shape) == list(expected.shape)
+        assert mine.data_offset == expected.data_offset and np.array_equal(mine.data, expected.data)

@@ -46,18 +46,28 @@ def _add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_config_options(parser: argparse.ArgumentParser, config_class) -> None:
-    """One --option per dataclass field, named as the field (TRL's names), typed from its annotation."""
+    """One --option per field of a config section (audit's DataConfig), named as the field; each value is
+    converted and checked by `options.parse_value`, the converter of train's options and YAML."""
+    import typing
+
+    from . import options
+
+    hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
-        kind = str(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if kind == "bool":
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="{true,false}")
-        elif kind.startswith("tuple"):
-            parser.add_argument(f"--{f.name}", type=_parse_list, default=default, metavar="A,B")
-        else:
-            convert = int if kind.startswith("int") else str
-            parser.add_argument(f"--{f.name}", type=_optional(convert) if "None" in kind else convert,
-                                default=default)
+        parser.add_argument(f"--{f.name}", type=_converter(f.name, hints[f.name], options.parse_value),
+                            default=default, metavar="{true,false}" if hints[f.name] is bool else None)
+
+
+def _converter(name: str, annotation, parse_value):
+    """An argparse type: `parse_value`'s conversion, its UserError as argparse's own error (exit status 2)."""
+    def convert(text: str):
+        try:
+            return parse_value(name, text, annotation)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = getattr(annotation, "__name__", name)
+    return convert
 
 
 def _parse_bool(text: str) -> bool:
@@ -68,10 +78,6 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
-def _parse_list(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -80,13 +86,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
-
-
-def _optional(convert):
-    def parse(text: str):
-        return None if text.lower() == "none" else convert(text)
-    parse.__name__ = convert.__name__
-    return parse
 
 
 def _audit(args) -> None:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from .config import check_range
-from .errors import UserError
+from .config import LOSS_TYPES, LossConfig
 
 
 @jax.tree_util.register_dataclass
@@ -33,54 +32,6 @@ class PairLogps:
     chosen_length: jax.Array | None = None  # n_w: all completion tokens (TRL's completion_mask.sum), for ipo and
     rejected_length: jax.Array | None = None  # sigmoid_norm; None: the counted tokens
     mask: jax.Array | None = None  # 1 for real pairs, 0 for filler; None: all real
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The options of the losses; names as TRL's DPOConfig."""
-
-    loss_type: tuple[str, ...] = ("sigmoid",)  # one or more of TRL's loss types (comma-separated), or simpo; see "Losses"
-    loss_weights: tuple[float, ...] | None = None  # one per loss_type; default 1.0 each
-    beta: float = 0.1  # strength of the KL penalty; rewards are beta * (policy - reference) log-probs
-    label_smoothing: float = 0.0  # cDPO: assumed probability that a preference label is flipped
-    discopop_tau: float = 0.05  # temperature of the discopop loss's mixing
-    simpo_gamma: float = 0.5  # SimPO's target margin gamma (the paper's, not gamma/beta)
-    rpo_alpha: float | None = None  # weight of an NLL-on-chosen term added to the losses (RPO)
-    reference_free: bool = False  # compare against a uniform reference (log-probs 0): no reference model
-
-    def __post_init__(self):
-        unknown = [name for name in self.loss_type if name not in LOSSES]
-        if unknown:
-            raise UserError(f"unknown loss_type {', '.join(unknown)}; the losses are {', '.join(LOSSES)}")
-        if not self.loss_type:
-            raise UserError("loss_type needs at least one loss")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise UserError(f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} losses "
-                            f"({', '.join(self.loss_type)}); give one weight per loss")
-        if "robust" in self.loss_type and not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"the robust loss needs label_smoothing in [0, 0.5), not {self.label_smoothing}")
-        if "exo_pair" in self.loss_type and not 0 < self.label_smoothing < 1:
-            raise UserError(f"the exo_pair loss needs label_smoothing in (0, 1), e.g. 1e-3, not "
-                            f"{self.label_smoothing}")
-        if set(self.loss_type) - {"exo_pair"}:  # every other loss reads it as the probability of a flipped label
-            check_range("label_smoothing", self.label_smoothing, 0, 0.5, below=True)
-        check_range("beta", self.beta, 0, above=True)
-        check_range("discopop_tau", self.discopop_tau, 0, above=True)
-        check_range("simpo_gamma", self.simpo_gamma, 0)
-        check_range("rpo_alpha", self.rpo_alpha, 0)  # a negative weight would push the chosen answers away
-        for weight in self.loss_weights or ():
-            check_range("loss_weights", weight, 0)
-        if self.loss_weights is not None and not any(self.loss_weights) and not self.rpo_alpha:
-            raise UserError(f"option loss_weights: all {len(self.loss_weights)} weights are 0, so nothing would "
-                            f"be trained; give at least one weight above 0")
-
-    def terms(self) -> list[tuple[str, float]]:
-        """(loss name, weight) of every term, the RPO NLL term included."""
-        weights = self.loss_weights or (1.0,) * len(self.loss_type)
-        terms = list(zip(self.loss_type, weights))
-        if self.rpo_alpha is not None:
-            terms.append(("sft", self.rpo_alpha))
-        return terms
 
 
 log_sigmoid = jax.nn.log_sigmoid
@@ -203,8 +154,7 @@ def _delta(p: PairLogps) -> jax.Array:
     return _ratio(p, "chosen") - _ratio(p, "rejected")
 
 
-LOSSES = {f.__name__: f for f in (sigmoid, robust, ipo, hinge, exo_pair, nca_pair, bco_pair, sppo_hard, aot,
-                                  aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft, simpo)}
+LOSSES = {name: globals()[name] for name in LOSS_TYPES}  # config.LOSS_TYPES names them, in the README's order
 TOKEN_AVERAGED = {"sft"}  # normalised by the batch's chosen tokens; the others by its real pairs
 REFERENCE_FREE = {"simpo", "sft"}  # need no reference log-probs
 

@@ -25,7 +25,7 @@ from . import step as S
 from .errors import UserError
 from .hf import layer_kinds
 from .models import family, quant
-from .options import frozen_quantization
+from .config import frozen_quantization
 
 GB = 1024 ** 3
 

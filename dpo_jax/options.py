@@ -1,9 +1,18 @@
-"""The `dpo-jax train` options: one flat namespace of TRL's option names over the nested config dataclasses.
+"""The one parser of options, for the command line and YAML: one flat namespace of TRL's names over the
+tree of `config.Options`.
 
 Every field of `Options`' sections is an option (`--beta 0.1` on the command line, `beta: 0.1` in a
 `--config run.yaml`); the command line overrides the YAML file. A name used by several sections (`seed`)
 sets all of them. Unknown names and values outside a field's choices are errors that suggest the closest
 valid one. `option_table()` renders the table of the README from these dataclasses, so it cannot drift.
+`parse_values` is also what `evaluate`, `plan`, `bench` and `audit` read their run options with.
+
+Why not a library's parser: transformers' HfArgumentParser puts every section's fields in one argparse
+parser, so a name two sections share (`seed`) is a "conflicting option string" error, and its YAML is read
+instead of the command line, not under it; TRL's TrlParser layers the two but needs trl (and so torch) at run
+time; tyro and draccus name nested fields by their path (`--optim.learning_rate`), not by TRL's flat names.
+None says which YAML key or value is wrong and what the closest valid one is. What is left to write here is
+small: a value's conversion to its field's annotated type, and the merge of the file under the flags.
 """
 
 from __future__ import annotations
@@ -11,136 +20,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataConfig, check_range, check_seed
+from .config import CHOICES, Options, check_choice
 from .errors import UserError
-from .losses import LOSSES, LossConfig
-from .models.attention import IMPLEMENTATIONS
-from .models.quant import KINDS as QUANTIZATION_KINDS
-from .step import SCHEDULES, OptimConfig
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """LoRA adapters (TRL's ModelConfig names)."""
-
-    use_peft: bool = False  # train LoRA adapters instead of all weights; the reference is the base model
-    lora_r: int = 16  # adapter rank
-    lora_alpha: int = 32  # adapter scale alpha / r
-    lora_dropout: float = 0.05  # dropout on the adapters' input in training
-    lora_target_modules: tuple[str, ...] | None = None  # layer names; default q_proj,v_proj (GPT-2: c_attn); or all-linear
-    load_in_4bit: bool = False  # QLoRA: the frozen base (and so the reference) held in 4 bits (bnb_4bit_quant_type)
-    load_in_8bit: bool = False  # the frozen base (and so the reference) held in int8, one scale per column
-    bnb_4bit_quant_type: str = "nf4"  # load_in_4bit's format: nf4 (QLoRA's NormalFloat), fp4 (e2m1), gguf (a .gguf's own)
-    use_bnb_nested_quant: bool = False  # not supported (scales stay float32); kept so that TRL's option is explained
-
-    def __post_init__(self):
-        check_range("lora_r", self.lora_r, 1)
-        check_range("lora_alpha", self.lora_alpha, 0, above=True)
-        check_range("lora_dropout", self.lora_dropout, 0, 1, below=True)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The model, the run's length and bookkeeping, and what TRL lacks (mesh, pack_pairs, ...)."""
-
-    model_name_or_path: str | None = None  # the policy's starting point: HF directory, hub id or .gguf
-    trust_remote_code: bool = False  # let transformers run a model directory's own config / tokenizer code (auto_map)
-    ref_model_name_or_path: str | None = None  # default: the policy's starting weights
-    output_dir: str | None = None  # metrics, TensorBoard events, checkpoints and plots go here
-    per_device_train_batch_size: int = 8  # pairs per device per micro-batch (global: x data x fsdp x accumulation)
-    per_device_eval_batch_size: int = 8  # pairs per device in evaluation and the reference precompute
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (inside the jitted step)
-    num_train_epochs: float = 3.0  # passes over the training pairs (may be fractional)
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    logging_steps: int = 10  # write train metrics every this many steps
-    eval_steps: int | None = None  # default: logging_steps
-    eval_on_start: bool = False  # evaluate before the first step too, logged at step 0 (as TRL)
-    save_steps: int = 500  # checkpoint every this many steps (and at the end)
-    save_total_limit: int | None = None  # keep only the newest this many checkpoints; None: all
-    save_strategy: str = "steps"  # steps (every save_steps and at the end) or no (no checkpoints; as TRL)
-    seed: int = 42  # data order, LoRA initialisation and dropout
-    bf16: bool | None = None  # bfloat16 compute; default: on accelerators yes, on the CPU no
-    ref_dtype: str = "auto"  # frozen reference (and LoRA base) matrices: auto (the compute dtype), float32, bfloat16
-    ref_quantization: str = "none"  # a full fine-tune's reference held quantised: none, int8, nf4, fp4, gguf (LoRA: load_in_4bit)
-    gradient_checkpointing: bool | None = None  # recompute blocks in the backward pass; None: when memory needs it
-    precompute_ref_log_probs: bool = False  # one reference pass before training, cached; no reference in memory
-    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "true" for the latest in output_dir
-    mesh: str = "fsdp=-1"  # data=2,fsdp=-1,tensor=1 style; -1 takes the remaining devices
-    pack_pairs: str = "packed"  # packed (pairs share rows, each prompt once), shared_prefix (a row per pair) or pairs
-    attn_implementation: str = "auto"  # auto (by backend), eager, blockwise (flash-style, pure JAX), splash (TPU; interpreted elsewhere), cudnn (GPU; XLA elsewhere): see README
-    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
-    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb, all or none; metrics.jsonl always
-    memory_limit_gb: float | None = None  # per-device memory to plan for; default: what the device reports
-    compilation_cache_dir: str | None = "default"  # XLA's persistent cache: default ~/.cache/dpo_jax/xla; none: off
-    distributed: str = "auto"  # multi-process runs: auto (SLURM, Open MPI, TPU pods, coordinator_address), true, false
-    coordinator_address: str | None = None  # host:port of process 0, for launches JAX cannot detect
-    num_processes: int | None = None  # with coordinator_address: how many processes in all
-    process_id: int | None = None  # with coordinator_address: this process's number, 0 .. num_processes-1
-
-    def __post_init__(self):
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_nonfinite_steps",
-                     "num_processes"):
-            check_range(name, getattr(self, name), 1)
-        check_range("max_steps", self.max_steps, 1, allow=(-1,))  # 0 would be read as "no limit": refused
-        check_range("num_train_epochs", self.num_train_epochs, 0)
-        if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise UserError(f"option num_train_epochs must be above 0 (or give max_steps), not {self.num_train_epochs}")
-        check_range("memory_limit_gb", self.memory_limit_gb, 0, above=True)
-        check_seed("seed", self.seed)
-        check_range("process_id", self.process_id, 0, None if self.num_processes is None else self.num_processes - 1)
-
-
-@dataclass(frozen=True)
-class Options:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-    def __post_init__(self):
-        frozen_quantization(self)  # the quantisation options across sections: refused before any work
-
-
-# Values a field may take, where they are a closed set.
-CHOICES = {
-    "lr_scheduler_type": SCHEDULES, "loss_type": tuple(LOSSES), "truncation_mode": ("keep_start", "keep_end"),
-    "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
-    "pack_pairs": ("pairs", "shared_prefix", "packed"), "report_to": ("tensorboard", "wandb", "all", "none"),
-    "distributed": ("auto", "true", "false"), "save_strategy": ("steps", "no"),
-    "ref_dtype": ("auto", "float32", "bfloat16"), "attn_implementation": IMPLEMENTATIONS,
-    "ref_quantization": ("none", *QUANTIZATION_KINDS, "gguf"), "bnb_4bit_quant_type": ("nf4", "fp4", "gguf"),
-}
-
-
-def frozen_quantization(o: Options) -> str | None:
-    """How the frozen weights are held (models/quant.py): a LoRA run's base (which is its reference) by TRL's
-    load_in_4bit / load_in_8bit, a full fine-tune's reference by ref_quantization; None: unquantised. Combinations
-    that TRL would refuse or read differently are errors that say what to give instead."""
-    lo = o.lora
-    if lo.use_bnb_nested_quant:
-        raise UserError("use_bnb_nested_quant: not supported; the 4-bit scales stay float32 (one per 64 weights, "
-                        "0.5 bits a weight). Drop the option.")
-    if lo.load_in_4bit and lo.load_in_8bit:
-        raise UserError("load_in_4bit and load_in_8bit are both true: give one (as TRL)")
-    if (lo.load_in_4bit or lo.load_in_8bit) and not lo.use_peft:
-        raise UserError(f"load_in_{'4' if lo.load_in_4bit else '8'}bit quantises the frozen base of a LoRA run (QLoRA: "
-                        f"add --use_peft true); a full fine-tune trains every weight in full precision. To hold a full "
-                        f"fine-tune's reference quantised, give --ref_quantization "
-                        f"{lo.bnb_4bit_quant_type if lo.load_in_4bit else 'int8'} instead.")
-    if lo.use_peft and o.run.ref_quantization != "none":
-        raise UserError(f"ref_quantization {o.run.ref_quantization} with use_peft: a LoRA run's reference is its base "
-                        f"model, so quantise the base: --load_in_4bit true (bnb_4bit_quant_type nf4 or fp4) or "
-                        f"--load_in_8bit true")
-    if lo.load_in_4bit:
-        return lo.bnb_4bit_quant_type
-    if lo.load_in_8bit:
-        return "int8"
-    return None if o.run.ref_quantization == "none" else o.run.ref_quantization
 
 
 def _fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
@@ -195,15 +78,6 @@ def parse_value(name: str, value, annotation):
         raise UserError(f"option {name}: {value!r} is not a valid {kind}") from None
 
 
-def _check_choice(name: str, value) -> None:
-    choices = CHOICES.get(name)
-    for v in (value if isinstance(value, tuple) else (value,)):
-        if choices and v is not None and v not in choices:
-            close = difflib.get_close_matches(str(v), choices, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UserError(f"option {name}: unknown value {v!r}{hint} The values are {', '.join(choices)}.")
-
-
 def from_dict(values: dict, source: str = "the command line") -> Options:
     """Options from flat {name: value}; unknown names are errors with the closest known name."""
     sections: dict[str, dict] = {s.name: {} for s in dataclasses.fields(Options)}
@@ -223,7 +97,7 @@ def _parsed(name: str, value, source: str) -> list[tuple[str, object]]:
     out = []
     for section, f in FIELDS[name]:
         parsed = parse_value(name, value, _type(section, f))
-        _check_choice(name, parsed)
+        check_choice(name, parsed)
         out.append((section, parsed))
     return out
 
@@ -277,6 +151,25 @@ def parse_values(argv: list[str]) -> dict:
     for key, item in flags.items():
         _parsed(key, item, "the command line")
     return {**values, **flags}
+
+
+def split_flags(argv: list[str], names: tuple[str, ...]) -> tuple[dict[str, str | None], list[str]]:
+    """A command's own flags (`plan --topology`, `evaluate --output_json`), not run options, taken out of `argv`:
+    ({name: value or None}, the run options left for `parse_values`)."""
+    found: dict[str, str | None] = dict.fromkeys(names)
+    rest, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
+        if name in found:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UserError(f"option --{name} needs a value")
+                value, i = argv[i + 1], i + 1
+            found[name] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return found, rest
 
 
 def option_table() -> str:

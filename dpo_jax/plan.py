@@ -127,7 +127,7 @@ def plan(o, topology: str | None = None) -> dict:
     from . import hlo, memory
     from . import step as S
     from .hf import load_config
-    from . import options as opts
+    from .config import frozen_quantization
     from .models import quant
     from .models.attention import choose_implementation
     from .sharding import check_mesh, make_mesh, parse_mesh
@@ -158,7 +158,7 @@ def plan(o, topology: str | None = None) -> dict:
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     pairs = o.run.per_device_train_batch_size * batch_devices * o.run.gradient_accumulation_steps
     shown_mesh = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
-    quantization = opts.frozen_quantization(o)
+    quantization = frozen_quantization(o)
     frozen = "" if quantization is None else (f", {'QLoRA base' if o.lora.use_peft else 'reference'} "
                                               f"{quant.describe(quantization)}")
     attention = choose_implementation(o.run.attn_implementation, length, backend=devices[0].platform)
@@ -232,11 +232,15 @@ def write_json(figures: dict, path: str) -> None:
     Path(path).write_text(json.dumps(figures, indent=1) + "\n")
 
 
+PLAN_FLAGS = ("topology", "output_json")  # plan's own, besides the train options
+
+
 def main(argv: list[str]) -> int:
     """`dpo-jax plan [--topology T] [--output_json F] <train options>`: 0 when the run fits, 1 when not."""
     from . import options
 
-    topology, output, rest = _own_options(argv)
+    flags, rest = options.split_flags(argv, PLAN_FLAGS)
+    topology, output = flags["topology"], flags["output_json"]
     given = options.parse_values(rest)
     o = options.from_dict(given)
     figures = plan(o, topology)
@@ -246,28 +250,12 @@ def main(argv: list[str]) -> int:
     return 0 if figures["fits"] else 1
 
 
-def _own_options(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
-    """(--topology, --output_json, the train options left)."""
-    found = {"topology": None, "output_json": None}
-    rest, i = [], 0
-    while i < len(argv):
-        name, eq, value = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
-        if name in found:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise UserError(f"option --{name} needs a value")
-                value, i = argv[i + 1], i + 1
-            found[name] = value
-        else:
-            rest.append(argv[i])
-        i += 1
-    return found["topology"], found["output_json"], rest
-
-
 def own_topology(argv: list[str]) -> str | None:
     """--topology of a plan command line, read before anything starts jax (for `quiet_libtpu`)."""
+    from . import options
+
     try:
-        return _own_options(argv)[0]
+        return options.split_flags(argv, PLAN_FLAGS)[0]["topology"]
     except UserError:
         return None
 

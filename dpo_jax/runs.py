@@ -23,7 +23,7 @@ from .data import MissingSplit
 from .errors import UserError
 from .hf import check_export_target, export_pretrained, from_pretrained, load_tokenizer
 from .models import quant
-from .options import Options
+from .config import Options, frozen_quantization
 from .sharding import make_mesh, parse_mesh
 from .trainer import (check_reference_vocab, compute_dtype, eval_metrics, lora_targets, make_batches, pad_id,
                       step_config, with_layout)
@@ -67,7 +67,7 @@ def load_trained(path: str, mesh, dtype, trust_remote_code: bool = False) -> tup
         o = opts.from_saved(checkpoints.saved_options(step), source=f"checkpoint {path}")
         model = from_pretrained(o.run.model_name_or_path, dtype=dtype, mesh=mesh,
                                 trust_remote_code=trust_remote_code,  # QLoRA: the base as it trained
-                                quantization=opts.frozen_quantization(o) if o.lora.use_peft else None)
+                                quantization=frozen_quantization(o) if o.lora.use_peft else None)
         if o.lora.use_peft:
             lora.apply_lora(model, o.lora.lora_r, o.lora.lora_alpha, lora_targets(o), o.lora.lora_dropout,
                             seed=o.run.seed)
@@ -82,7 +82,8 @@ def evaluate(argv: list[str]) -> dict:
     """`dpo-jax evaluate`: TRL's eval_* metrics of a model (or checkpoint) against a reference on a split.
     For a checkpoint, its run's options (dataset, beta, loss_type, max_length, ...) are the defaults and the
     reference defaults to the run's reference; for a model, the reference defaults to the model itself."""
-    argv, output_json = pop_option(argv, "output_json")
+    flags, argv = opts.split_flags(argv, ("output_json",))
+    output_json = flags["output_json"]
     given = opts.parse_values(argv)
     model_path = given.get("model_name_or_path")
     if not model_path:
@@ -110,7 +111,7 @@ def evaluate(argv: list[str]) -> dict:
     check_reference_vocab(policy.config, model_path, ref_path, trust)
     # the reference held as in training: quantised by ref_quantization, or by a QLoRA run's load_in_4bit / 8bit
     # (its reference is its quantised base); given on this command line, the same options choose it
-    quantization = opts.frozen_quantization(o)
+    quantization = frozen_quantization(o)
     if quantization:
         print(f"the reference {ref_path} is held quantised: {quant.describe(quantization)}", file=sys.stderr)
     ref_graphdef, ref = S.split_reference(from_pretrained(ref_path, dtype=dtype, mesh=mesh, trust_remote_code=trust,
@@ -156,20 +157,6 @@ def test_pairs(o: Options, tokenizer, *, asked: bool, trained_on=None) -> Pairs:
         print(f"dataset {o.data.dataset_name} has one split, {only!r}: evaluating it"
               + (" (the run trained on it: these metrics are not held-out)" if same else ""), file=sys.stderr)
         return load_pairs(o.data, only, tokenizer)[0]
-
-
-def pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
-    """`argv` without `--name value` (or `--name=value`), and the value."""
-    rest, value, i = [], None, 0
-    while i < len(argv):
-        if argv[i] == f"--{name}" and i + 1 < len(argv):
-            value, i = argv[i + 1], i + 2
-        elif argv[i].startswith(f"--{name}="):
-            value, i = argv[i].partition("=")[2], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest, value
 
 
 def export(checkpoint_path: str, output_dir: str, mesh_spec: str = "fsdp=-1", trust_remote_code: bool = False) -> str:

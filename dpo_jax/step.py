@@ -23,38 +23,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import losses, sharding
-from .config import check_range
+from .config import SCHEDULES, LossConfig, OptimConfig
 from .errors import UserError
 from .logps import batch_logps
-from .losses import LossConfig, PairLogps
+from .losses import PairLogps
 
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both; tensor-parallel devices share rows
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW and its schedule; names and defaults as TRL's DPOConfig / transformers' TrainingArguments."""
-
-    learning_rate: float = 1e-6  # peak learning rate (TRL's DPO default)
-    lr_scheduler_type: str = "linear"  # constant, constant_with_warmup, linear, cosine
-    warmup_steps: int = 0  # linear warm-up steps; overrides warmup_ratio when > 0
-    warmup_ratio: float = 0.0  # warm-up as a fraction of the training steps
-    weight_decay: float = 0.0  # on matrices only (transformers: not on biases and norms)
-    adam_beta1: float = 0.9  # AdamW
-    adam_beta2: float = 0.999  # AdamW
-    adam_epsilon: float = 1e-8  # AdamW
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None or 0: no clipping
-
-    def __post_init__(self):
-        check_range("learning_rate", self.learning_rate, 0)
-        check_range("warmup_steps", self.warmup_steps, 0)
-        check_range("warmup_ratio", self.warmup_ratio, 0, 1)
-        check_range("weight_decay", self.weight_decay, 0)
-        check_range("adam_beta1", self.adam_beta1, 0, 1, below=True)
-        check_range("adam_beta2", self.adam_beta2, 0, 1, below=True)
-        check_range("adam_epsilon", self.adam_epsilon, 0, above=True)  # 0 divides 0 by 0 where a gradient is 0
-        check_range("max_grad_norm", self.max_grad_norm, 0)  # 0: no clipping, as transformers
 
 
 @dataclass(frozen=True)

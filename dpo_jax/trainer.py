@@ -39,7 +39,7 @@ from .data import MissingSplit
 from .errors import UserError
 from .hf import from_pretrained, load_config, load_tokenizer
 from .models import quant
-from .options import Options, frozen_quantization
+from .config import Options, frozen_quantization
 from .sharding import check_mesh, is_variable, make_mesh, parse_mesh
 
 log = logging.getLogger(__name__)

@@ -64,7 +64,7 @@ def test_reference_held_in_bfloat16_scores_as_the_float32_weights_do(tmp_path, n
     from flax import nnx
 
     from dpo_jax import trainer
-    from dpo_jax.options import Options, RunConfig
+    from dpo_jax.config import Options, RunConfig
     from dpo_jax.sharding import is_matrix, is_variable, make_mesh
 
     make_model(name).save_pretrained(tmp_path)

@@ -107,7 +107,7 @@ def _check_layout(tree, mesh, what: str) -> int:
 def test_every_leaf_of_the_training_state_is_laid_out_as_intended(tmp_path_factory, sizes, lora):
     from dpo_jax import step as S
     from dpo_jax import trainer
-    from dpo_jax.options import LoraConfig, Options, RunConfig
+    from dpo_jax.config import LoraConfig, Options, RunConfig
     from test_step import make_batch
 
     path = tmp_path_factory.mktemp("llama")

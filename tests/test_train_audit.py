@@ -13,10 +13,9 @@ import transformers
 from dpo_jax import audit, options
 from dpo_jax.batching import BatchIterator, load_pairs
 from dpo_jax.cli import build_parser, main
-from dpo_jax.config import DataConfig
+from dpo_jax.config import DataConfig, RunConfig
 from dpo_jax.data import SAMPLE_DIR
 from dpo_jax.hf import load_tokenizer
-from dpo_jax.options import RunConfig
 from dpo_jax.trainer import Trainer
 from test_trainer import tiny_model
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import sharding
+from ..config import ATTN_IMPLEMENTATIONS
 from . import kernels
 
 # A large finite negative instead of -inf: a fully masked row (a padding query) then gives a finite
@@ -42,7 +43,7 @@ from . import kernels
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 BLOCK = 512  # queries and keys per block of the blockwise path
 NO_WINDOW = int(np.iinfo(np.int32).max)  # a full-attention layer among sliding ones: every key is near enough
-IMPLEMENTATIONS = ("auto", "eager", "blockwise", "splash", "cudnn")
+IMPLEMENTATIONS = ATTN_IMPLEMENTATIONS
 
 
 def wide(dtype) -> jnp.dtype:

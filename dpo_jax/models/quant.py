@@ -37,11 +37,12 @@ import numpy as np
 import qwix
 from flax import nnx
 
+from ..config import GGUF, QUANTIZATION_KINDS
 from ..sharding import gather_weight
 from .layers import Linear
 
-KINDS = ("int8", "nf4", "fp4")  # quantised from float weights
-GGUF = "gguf"  # keep a .gguf file's own blocks (GGUF_KINDS)
+KINDS = QUANTIZATION_KINDS  # quantised from float weights
+# GGUF (config.GGUF): keep a .gguf file's own blocks (GGUF_KINDS)
 GGUF_KINDS = ("q8_0", "q4_0", "q4_1")
 BLOCK = 64  # input rows per scale of the 4-bit kinds (bitsandbytes' default blocksize)
 GGUF_BLOCK = 32

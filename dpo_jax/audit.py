@@ -15,10 +15,11 @@ import tempfile
 
 import numpy as np
 
-from .batching import BatchIterator, Pairs
+from .batching import BatchIterator
 from .config import AUDIT_CHECKS
 from .data import MAX_LISTED, Split
 from .errors import UserError
+from .pairs import Pairs
 
 AUDIT_FILE = "data_audit.json"
 

@@ -29,7 +29,7 @@ from .errors import CheckpointError, lfs_pointer_hint
 from .lora import merged_kernels
 from .models import config_from_hf, family
 from .models import quant
-from .models.layers import LAYERS
+from .models.blocks import LAYERS
 from .namemap import NameMap
 
 logger = logging.getLogger(__name__)

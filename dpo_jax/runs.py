@@ -20,7 +20,8 @@ from . import step as S
 from .config import DataConfig
 from .data import MissingSplit
 from .errors import UserError
-from .hf import check_export_target, export_pretrained, from_pretrained, load_tokenizer
+from .hf import from_pretrained, load_tokenizer
+from .hf_export import check_export_target, export_pretrained
 from .models import quant
 from .options import Options
 from .pairs import Pairs, load_pairs

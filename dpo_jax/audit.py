@@ -15,9 +15,10 @@ import tempfile
 
 import numpy as np
 
-from .batching import BatchIterator, Pairs
+from .batching import BatchIterator
 from .data import MAX_LISTED, Split
 from .errors import UserError
+from .pairs import Pairs
 
 AUDIT_FILE = "data_audit.json"
 

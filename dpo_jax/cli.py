@@ -90,7 +90,8 @@ def _positive_int(text: str) -> int:
 
 def _audit(args) -> None:
     from . import audit, load_tokenizer
-    from .batching import BatchIterator, load_pairs
+    from .batching import BatchIterator
+    from .pairs import load_pairs
     from .config import DataConfig
     from .data import MissingSplit
 

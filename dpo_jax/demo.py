@@ -35,7 +35,8 @@ from . import rundir
 from .data import BUILTIN_DATASETS
 from .errors import UserError
 from .generate import generate_text
-from .hf import export_pretrained, load_tokenizer
+from .hf import load_tokenizer
+from .hf_export import export_pretrained
 from .trainer import Trainer
 
 DEMO_OPTIONS = {

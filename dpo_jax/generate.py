@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import UserError
-from .models.layers import KVCache, default_positions
+from .models.cache import KVCache, default_positions
 
 PROMPT_MULTIPLE = 32  # prompts are left-padded to a multiple of this: fewer compiled shapes
 _COMPILED: dict = {}

@@ -2,7 +2,7 @@
 data before training, stored under a key that hashes the reference weights, the compute dtype, and the
 tokenized data with its truncation; reused on resume and by any later run with the same three.
 
-The table is float32 [n_pairs, 2] (chosen, rejected), indexed like `batching.Pairs`; `BatchIterator` attaches
+The table is float32 [n_pairs, 2] (chosen, rejected), indexed like `pairs.Pairs`; `BatchIterator` attaches
 the rows of each batch as `ref_logps`, and the step then needs no reference model in memory. With LoRA, pass
 the LoRA graphdef and `(zeroed adapters, base weights)` as the reference state.
 """
@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .batching import BatchIterator, Pairs
+from .batching import BatchIterator
 from .logps import batch_logps
+from .pairs import Pairs
 
 CACHE_ENV = "DPO_JAX_CACHE"  # default: ~/.cache/dpo_jax
 logger = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ from flax import nnx
 from . import checkpoint, lora
 from . import options as opts
 from . import step as S
-from .batching import Pairs, load_pairs
-from .config import DataConfig
+from .config import DataConfig, Options, frozen_quantization
 from .data import MissingSplit
 from .errors import UserError
-from .hf import check_export_target, export_pretrained, from_pretrained, load_tokenizer
+from .hf import from_pretrained, load_tokenizer
+from .hf_export import check_export_target, export_pretrained
 from .models import quant
-from .config import Options, frozen_quantization
+from .pairs import Pairs, load_pairs
 from .sharding import make_mesh, parse_mesh
 from .trainer import (check_reference_vocab, compute_dtype, eval_metrics, lora_targets, make_batches, pad_id,
                       step_config, with_layout)

@@ -32,14 +32,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import audit, gguf, lora, memory, reference, report, rundir
 from . import options as opts
 from . import step as S
-from .batching import PACKED_EPOCHS, BatchIterator, Prefetcher, load_pairs
+from .batching import PACKED_EPOCHS, BatchIterator
 from . import checkpoint
 from .checkpoint import Checkpoints, abstract
+from .config import Options, frozen_quantization
 from .data import MissingSplit
 from .errors import UserError
 from .hf import from_pretrained, load_config, load_tokenizer
 from .models import quant
-from .config import Options, frozen_quantization
+from .pairs import load_pairs
+from .prefetch import Prefetcher
 from .sharding import check_mesh, is_variable, make_mesh, parse_mesh
 
 log = logging.getLogger(__name__)

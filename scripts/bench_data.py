@@ -47,7 +47,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench_data.")
     os.environ["HF_DATASETS_CACHE"] = os.path.join(work, "cache")  # before datasets is imported: a cold cache
     from dpo_jax import audit, load_tokenizer
-    from dpo_jax.batching import BatchIterator, load_pairs
+    from dpo_jax.batching import BatchIterator
+    from dpo_jax.pairs import load_pairs
     from dpo_jax.cli import smollm2_path
     from dpo_jax.config import DataConfig
     path = os.path.join(work, "pairs.jsonl")

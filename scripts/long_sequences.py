@@ -29,7 +29,7 @@ def write_toy(directory: str) -> None:
     from flax import nnx
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from dpo_jax.hf import export_pretrained
+    from dpo_jax.hf_export import export_pretrained
     from dpo_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
     vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(WORDS)}}

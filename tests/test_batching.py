@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from dpo_jax.batching import BatchIterator, Pairs, Truncation, choose_buckets, pair_sources
+from dpo_jax.batching import BatchIterator, choose_buckets, pair_sources
+from dpo_jax.pairs import Pairs, Truncation
 from dpo_jax.errors import UserError
 
 BOS, EOS, PAD = 1, 2, 0

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from dpo_jax.batching import BatchIterator, Prefetcher
+from dpo_jax.batching import BatchIterator
+from dpo_jax.prefetch import Prefetcher
 from test_batching import random_pairs
 from test_trainer import tiny_model
 

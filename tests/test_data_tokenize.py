@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from dpo_jax.batching import BatchIterator, load_pairs
+from dpo_jax.batching import BatchIterator
+from dpo_jax.pairs import load_pairs
 from dpo_jax.config import DataConfig
 from tiny_tokenizers import gpt2_style, llama3_style
 

@@ -9,7 +9,7 @@ import dpo_jax
 from dpo_jax.errors import UserError
 from dpo_jax.generate import PROMPT_MULTIPLE, generate, generate_text
 from dpo_jax.models import SUPPORTED_MODEL_TYPES
-from dpo_jax.models.layers import KVCache
+from dpo_jax.models.cache import KVCache
 from tiny_models import CONFIGS, make_model
 
 NEW = 12

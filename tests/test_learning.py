@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from dpo_jax import from_pretrained
 from dpo_jax import step as S
-from dpo_jax.batching import BatchIterator, load_pairs
+from dpo_jax.batching import BatchIterator
+from dpo_jax.pairs import load_pairs
 from dpo_jax.config import DataConfig
 from dpo_jax.data import SAMPLE_DIR
 from dpo_jax.losses import LossConfig

@@ -12,7 +12,8 @@ from jax.experimental import io_callback
 
 from dpo_jax import options
 from dpo_jax import trainer as T
-from dpo_jax.batching import BatchIterator, Prefetcher
+from dpo_jax.batching import BatchIterator
+from dpo_jax.prefetch import Prefetcher
 from dpo_jax.checkpoint import Checkpoints
 from dpo_jax.trainer import Trainer
 from test_batching import random_pairs

@@ -196,7 +196,7 @@ def smollm2_reference_logps():
     nf4 (the GGUF's weights dequantised to float32, then quantised as a reference would be)."""
     from dpo_jax import reference
     from dpo_jax.assets import smollm2_path
-    from dpo_jax.batching import load_pairs
+    from dpo_jax.pairs import load_pairs
     from dpo_jax.config import DataConfig
     from dpo_jax.hf import load_tokenizer
 

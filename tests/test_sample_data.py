@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dpo_jax import audit
-from dpo_jax.batching import BatchIterator, load_pairs
+from dpo_jax.batching import BatchIterator
+from dpo_jax.pairs import load_pairs
 from dpo_jax.config import DataConfig
 from dpo_jax.data import SAMPLE_DIR
 

@@ -11,7 +11,8 @@ import torch
 import transformers
 
 from dpo_jax import audit, options
-from dpo_jax.batching import BatchIterator, load_pairs
+from dpo_jax.batching import BatchIterator
+from dpo_jax.pairs import load_pairs
 from dpo_jax.cli import build_parser, main
 from dpo_jax.config import DataConfig, RunConfig
 from dpo_jax.data import SAMPLE_DIR

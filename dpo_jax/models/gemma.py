@@ -17,8 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import CheckpointError
-from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
-                     run_blocks, stacked, wide, window_values)
+from .attention import wide
+from .blocks import run_blocks, stacked, window_values
+from .cache import KVCache, mask_and_positions
+from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention
+from .rope import rope_inv_freq
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import eager_attention, self_attention
-from .layers import (Embed, KVCache, LayerNorm, Linear, activation, mask_and_positions, run_blocks,
-                     stacked, wide)
+from .attention import eager_attention, self_attention, wide
+from .blocks import run_blocks, stacked
+from .cache import KVCache, mask_and_positions
+from .layers import Embed, LayerNorm, Linear, activation
 
 MODEL_TYPES = ("gpt2",)
 

@@ -12,8 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import (Embed, GatedMLP, KVCache, Linear, RMSNorm, SelfAttention, mask_and_positions, rope_inv_freq,
-                     run_blocks, stacked, wide, window_values)
+from .attention import wide
+from .blocks import run_blocks, stacked, window_values
+from .cache import KVCache, mask_and_positions
+from .layers import Embed, GatedMLP, Linear, RMSNorm, SelfAttention
+from .rope import rope_inv_freq
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -205,7 +205,7 @@ def _prepare(option_args: list[str], work: Path, need_hf_model: bool) -> tuple[l
     """The rows both sides train on, written once (jsonl), and a Hugging Face directory for TRL."""
     from . import options
     from .data import load_split
-    from .formats import validate
+    from .data import validate
 
     o = options.parse(option_args)
     rows = validate(load_split(o.data.dataset_name, o.data.dataset_train_split, config_name=o.data.dataset_config),

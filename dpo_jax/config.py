@@ -27,6 +27,8 @@ LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo")  # losses.py
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")  # step.make_schedule
 TRUNCATION_MODES = ("keep_start", "keep_end")
+DATA_FORMATS = ("auto", "standard", "conversational")  # formats.py
+ON_BAD_ROW = ("error", "skip")  # data.py
 LAYOUTS = ("pairs", "shared_prefix", "packed")  # batching.py
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "blockwise", "splash", "cudnn")  # models/attention.py, models/kernels.py
 QUANTIZATION_KINDS = ("int8", "nf4", "fp4")  # models/quant.py: quantised from float weights
@@ -34,7 +36,7 @@ GGUF = "gguf"  # models/quant.py: a .gguf file's own blocks, kept
 
 CHOICES = {
     "lr_scheduler_type": SCHEDULES, "loss_type": LOSS_TYPES, "truncation_mode": TRUNCATION_MODES,
-    "data_format": ("auto", "standard", "conversational"), "on_bad_row": ("error", "skip"),
+    "data_format": DATA_FORMATS, "on_bad_row": ON_BAD_ROW,
     "pack_pairs": LAYOUTS, "report_to": ("tensorboard", "wandb", "all", "none"),
     "distributed": ("auto", "true", "false"), "save_strategy": ("steps", "no"),
     "ref_dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ATTN_IMPLEMENTATIONS,

@@ -5,7 +5,7 @@ record's 1-based number in that file; blank lines of JSON Lines and CSV files ar
 about a bad row names the file, the row and the field. Local files are read one by one (each with the
 `datasets` builder for its type, cached), so a bad file is diagnosed, and with `on_bad_row="skip"` read
 leniently, on its own. Hub datasets go through `datasets.load_dataset` and are numbered per split.
-Formats and row validation are in formats.py.
+`validate` checks every row of a split against formats.py's rules.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from .config import DATA_FORMATS, ON_BAD_ROW
 from .errors import UserError
+from .formats import FIELDS, check_field, check_implicit, detect_format, guess_format
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 BUILTIN_DATASETS = {"builtin:sample": SAMPLE_DIR}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-ON_BAD_ROW = ("error", "skip")
-FIELDS = ("prompt", "chosen", "rejected")
+
 PASSED_THROUGH = ("tools", "chat_template_kwargs")  # per-row chat template arguments, as TRL
 ROW, FILE = "__row__", "__file__"
 MAX_LISTED = 5  # row numbers listed in a message
@@ -51,7 +52,7 @@ class Split:
     dataset: datasets.Dataset  # the original columns plus FILE and ROW
     sources: list[str]  # file paths (or "name [split]" for hub datasets), indexed by FILE
     title: str  # the dataset and split, for tables
-    fmt: str = "standard"  # standard | conversational, set by formats.validate
+    fmt: str = "standard"  # standard | conversational, set by validate
     implicit_prompt: bool = False
     read: int = 0  # records in the split as selected, bad ones included
     skipped: list[tuple[int, int, str]] = field(default_factory=list)  # (file, row, reason) of rows left out
@@ -92,6 +93,52 @@ def load_split(name: str, split: str, *, config_name: str | None = None, on_bad_
     else:
         return _hub(name, config_name, split)
     return _local(files, split, str(path), on_bad_row)
+
+
+def validate(split: Split, *, fmt: str = "auto", on_bad_row: str = "error") -> Split:
+    """Check every row's fields; drop bad rows (on_bad_row=skip) or stop at them with their row numbers."""
+    if fmt not in DATA_FORMATS:
+        raise UserError(f"data_format must be one of {', '.join(DATA_FORMATS)}, not {fmt!r}")
+    ds = split.dataset
+    missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{split.title}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}. A "
+                        f"preference dataset needs 'chosen' and 'rejected' (and usually 'prompt'); the columns found "
+                        f"are {', '.join(c for c in ds.column_names if c not in (ROW, FILE))}. Rename the columns "
+                        f"in the file, or with datasets' rename_column.")
+    split.fmt = detect_format(ds, "chosen") if fmt == "auto" else fmt
+    has_prompt = "prompt" in ds.column_names
+    if has_prompt and fmt == "auto" and detect_format(ds, "prompt") != split.fmt:
+        # A string prompt beside conversational completions: extracted from them, as TRL's maybe_extract_prompt
+        # does (its DPOTrainer would fail on such data).
+        has_prompt = False
+    split.implicit_prompt = not has_prompt
+    fields = FIELDS if has_prompt else FIELDS[1:]
+    bad: list[tuple[int, int, str]] = []
+    good: list[int] = []
+    for start in range(0, len(ds), 1000):
+        batch = ds[start:start + 1000]
+        for i, (file, row) in enumerate(zip(batch[FILE], batch[ROW])):
+            problem = next((p for f in fields if (p := check_field(f, batch[f][i], split.fmt))), None)
+            if not problem and split.implicit_prompt:
+                problem = check_implicit(batch["chosen"][i], batch["rejected"][i], split.fmt)
+            if problem:
+                bad.append((file, row, problem))
+            else:
+                good.append(start + i)
+    if bad and on_bad_row == "error":
+        file, row, problem = bad[0]
+        more = f" {len(bad) - 1} more bad rows: {row_list([split.label(f, r) for f, r, _ in bad[1:]])}." \
+            if len(bad) > 1 else ""
+        raise UserError(f"{split.where(file, row)}: {problem}.{more} Fix the data, or pass --on_bad_row skip to "
+                        f"leave such rows out (they are counted in the data audit).")
+    if bad:
+        split.skipped += bad
+        split.dataset = ds.select(good)
+    if len(split.dataset) == 0:
+        raise UserError(f"{split.title}: no valid rows left ({len(split.skipped)} skipped: "
+                        f"{row_list([split.label(f, r) for f, r, _ in split.skipped])}).")
+    return split
 
 
 def _load_from_disk(path: Path):
@@ -231,7 +278,6 @@ def _diagnose(path: str):
 
     records is the list of (row, object) of the readable records of a JSON Lines file, which can be read
     leniently; None for a file that cannot be split into records (a JSON array, CSV)."""
-    from .formats import check_field, guess_format
 
     data = Path(path).read_bytes()
     if not data.strip():

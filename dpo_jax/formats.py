@@ -1,4 +1,5 @@
-"""TRL's three preference formats: detect them, validate every row, extract an implicit prompt.
+"""TRL's three preference formats: detect them, check a row's fields, extract an implicit prompt (the
+checks of a whole split are data.validate's).
 
     standard        prompt, chosen, rejected are strings
     conversational  prompt, chosen, rejected are lists of {"role", "content"} messages
@@ -9,60 +10,12 @@ from __future__ import annotations
 
 import datasets
 
-from .data import FIELDS, FILE, ROW, Split, row_list
-from .errors import UserError
 
-FORMATS = ("auto", "standard", "conversational")
+FIELDS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def validate(split: Split, *, fmt: str = "auto", on_bad_row: str = "error") -> Split:
-    """Check every row's fields; drop bad rows (on_bad_row=skip) or stop at them with their row numbers."""
-    if fmt not in FORMATS:
-        raise UserError(f"data_format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    ds = split.dataset
-    missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
-    if missing:
-        raise UserError(f"{split.title}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}. A "
-                        f"preference dataset needs 'chosen' and 'rejected' (and usually 'prompt'); the columns found "
-                        f"are {', '.join(c for c in ds.column_names if c not in (ROW, FILE))}. Rename the columns "
-                        f"in the file, or with datasets' rename_column.")
-    split.fmt = _detect_format(ds, "chosen") if fmt == "auto" else fmt
-    has_prompt = "prompt" in ds.column_names
-    if has_prompt and fmt == "auto" and _detect_format(ds, "prompt") != split.fmt:
-        # A string prompt beside conversational completions: extracted from them, as TRL's maybe_extract_prompt
-        # does (its DPOTrainer would fail on such data).
-        has_prompt = False
-    split.implicit_prompt = not has_prompt
-    fields = FIELDS if has_prompt else FIELDS[1:]
-    bad: list[tuple[int, int, str]] = []
-    good: list[int] = []
-    for start in range(0, len(ds), 1000):
-        batch = ds[start:start + 1000]
-        for i, (file, row) in enumerate(zip(batch[FILE], batch[ROW])):
-            problem = next((p for f in fields if (p := check_field(f, batch[f][i], split.fmt))), None)
-            if not problem and split.implicit_prompt:
-                problem = _check_implicit(batch["chosen"][i], batch["rejected"][i], split.fmt)
-            if problem:
-                bad.append((file, row, problem))
-            else:
-                good.append(start + i)
-    if bad and on_bad_row == "error":
-        file, row, problem = bad[0]
-        more = f" {len(bad) - 1} more bad rows: {row_list([split.label(f, r) for f, r, _ in bad[1:]])}." \
-            if len(bad) > 1 else ""
-        raise UserError(f"{split.where(file, row)}: {problem}.{more} Fix the data, or pass --on_bad_row skip to "
-                        f"leave such rows out (they are counted in the data audit).")
-    if bad:
-        split.skipped += bad
-        split.dataset = ds.select(good)
-    if len(split.dataset) == 0:
-        raise UserError(f"{split.title}: no valid rows left ({len(split.skipped)} skipped: "
-                        f"{row_list([split.label(f, r) for f, r, _ in split.skipped])}).")
-    return split
-
-
-def _detect_format(ds: datasets.Dataset, column: str) -> str:
+def detect_format(ds: datasets.Dataset, column: str) -> str:
     """From the column's type; for a column of mixed types (datasets' Json), from its first values."""
     feature = ds.features[column]
     if isinstance(feature, datasets.Value):
@@ -109,7 +62,7 @@ def check_field(name: str, value, fmt: str) -> str | None:
     return None
 
 
-def _check_implicit(chosen, rejected, fmt: str) -> str | None:
+def check_implicit(chosen, rejected, fmt: str) -> str | None:
     if fmt == "conversational":
         prompt, _, _ = extract_prompt(clean_messages(chosen), clean_messages(rejected))
         if not prompt:

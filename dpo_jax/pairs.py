@@ -14,9 +14,8 @@ import datasets
 import numpy as np
 
 from .config import TRUNCATION_MODES, DataConfig
-from .data import load_split
 from .errors import UserError
-from .formats import validate
+from .data import load_split, validate
 from .preprocess import tokenize
 
 

@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 from dpo_jax.cli import main
 from dpo_jax.config import DataConfig
 from dpo_jax.data import MissingSplit, load_split
-from dpo_jax.formats import validate
+from dpo_jax.data import validate
 from tiny_tokenizers import gpt2_style, llama3_style
 
 GOOD = {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."}

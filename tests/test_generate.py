@@ -123,7 +123,7 @@ def test_past_gpt2_positions_is_a_clear_error(tmp_path):
 
 
 def test_the_cache_is_stacked_with_the_blocks(llama):
-    """The blocks are one module whose weights have a leading layer axis (models.layers.stacked), and the cache
+    """The blocks are one module whose weights have a leading layer axis (models.blocks.stacked), and the cache
     is [L, B, S, K, E] arrays, made by the prompt's forward and then written in place, layer by layer, by the
     scan over the blocks: the new token's slot in every layer, nothing else."""
     model, _ = llama

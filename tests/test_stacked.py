@@ -1,4 +1,4 @@
-"""Decoder blocks held stacked (models/layers.py `stacked`, `run_blocks`): no per-step copy of the weights in the
+"""Decoder blocks held stacked (models/blocks.py `stacked`, `run_blocks`): no per-step copy of the weights in the
 compiled step, one structure for every layer of every family, LoRA adapters and dropout keys per layer."""
 
 import re
